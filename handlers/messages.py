@@ -1,0 +1,196 @@
+"""Messages on the bus (CONTRACTS §4–5) as pydantic models. Money is Decimal, never float."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+)
+
+ProviderName = Literal["billingo", "szamlazz"]
+PaymentMethod = Literal["cash", "bankcard", "transfer", "szep_card", "online"]
+
+
+def _decimal_from_string(value: Any) -> Any:
+    # A float would already have lost cents on the way in; money must travel as a string.
+    if isinstance(value, float):
+        raise ValueError("money must be a decimal string, not a float")
+    if isinstance(value, bool):
+        raise ValueError("money must be a decimal string")
+    return value
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_decimal_from_string),
+    PlainSerializer(lambda d: format(d, "f"), return_type=str),
+]
+
+
+class _In(BaseModel):
+    # Unknown extra fields are ignored (CONTRACTS §4); the models are read-only once parsed.
+    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
+
+
+class Address(_In):
+    country_code: str = Field(min_length=2, max_length=2)
+    post_code: str = Field(min_length=1, max_length=16)
+    city: str = Field(min_length=1, max_length=200)
+    street: str = Field(min_length=1, max_length=300)
+
+
+class Customer(_In):
+    kind: Literal["person", "company"]
+    name: str = Field(min_length=1, max_length=300)
+    email: str | None = Field(default=None, max_length=300)
+    tax_number: str | None = Field(default=None, max_length=32)
+    eu_vat_number: str | None = Field(default=None, max_length=32)
+    address: Address
+
+
+class Item(_In):
+    name: str = Field(min_length=1, max_length=500)
+    quantity: Money
+    unit: str = Field(min_length=1, max_length=50)
+    unit_price: Money
+    price_type: Literal["gross", "net"]
+    vat: str = Field(min_length=1, max_length=16)
+
+
+class Sale(_In):
+    id: str = Field(min_length=1, max_length=100)
+    invoice_generation: int = Field(ge=1)
+    trigger: Literal["auto", "manual"]
+    paid_at: datetime
+    fulfillment_date: date
+    currency: str = Field(min_length=3, max_length=3)
+    payment_method: PaymentMethod
+    customer: Customer
+    items: list[Item] = Field(min_length=1, max_length=500)
+
+
+class _Event(_In):
+    event_id: str = Field(min_length=1, max_length=100)
+    occurred_at: datetime
+    tenant_id: str = Field(min_length=1, max_length=100)
+
+
+class SalePaid(_Event):
+    event_type: Literal["sale.paid"]
+    sale: Sale
+
+    @property
+    def sale_id(self) -> str:
+        return self.sale.id
+
+    @property
+    def invoice_generation(self) -> int:
+        return self.sale.invoice_generation
+
+
+class SaleStorno(_Event):
+    event_type: Literal["sale.storno"]
+    sale_id: str = Field(min_length=1, max_length=100)
+    invoice_generation: int = Field(ge=1)
+    reason: str | None = Field(default=None, max_length=1000)
+    document_id: str | None = Field(default=None, max_length=100)
+
+    @field_validator("document_id", mode="before")
+    @classmethod
+    def _document_id_as_string(cls, value: Any) -> Any:
+        # Bookinda may hold Billingo's integer id; compare ids as strings everywhere.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+SaleEvent = SalePaid | SaleStorno
+INBOUND_TYPES: dict[str, type[SalePaid] | type[SaleStorno]] = {
+    "sale.paid": SalePaid,
+    "sale.storno": SaleStorno,
+}
+
+
+# ---- outgoing (CONTRACTS §5) -------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str = Field(default_factory=_new_id)
+    occurred_at: datetime = Field(default_factory=_now)
+    causation_id: str | None
+    tenant_id: str
+
+
+class InvoiceIssued(_Out):
+    event_type: Literal["invoice.issued"] = "invoice.issued"
+    sale_id: str
+    invoice_generation: int
+    provider: ProviderName
+    document_id: str
+    invoice_number: str
+    gross_total: Money
+    currency: str
+
+
+class CancellationInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["cancel", "reverse"]
+    document_id: str
+    invoice_number: str
+
+
+class InvoiceCancelled(_Out):
+    event_type: Literal["invoice.cancelled"] = "invoice.cancelled"
+    sale_id: str
+    invoice_generation: int
+    provider: ProviderName
+    document_id: str
+    invoice_number: str
+    cancellation: CancellationInfo
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    code: str
+    message: str
+    fix: str
+
+
+class InvoiceFailed(_Out):
+    event_type: Literal["invoice.failed"] = "invoice.failed"
+    sale_id: str | None
+    invoice_generation: int | None
+    provider: ProviderName | None
+    operation: Literal["issue", "cancel"]
+    error: ErrorInfo
+    attempt: int
+    final: bool
+    next_attempt_at: datetime | None
+
+
+class ConnectionStatus(_Out):
+    event_type: Literal["connection.status"] = "connection.status"
+    provider: ProviderName
+    status: Literal["ACTIVE", "ERROR"]
+    error_code: str | None
+    message: str
+
+
+OutEvent = InvoiceIssued | InvoiceCancelled | InvoiceFailed | ConnectionStatus

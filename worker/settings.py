@@ -1,0 +1,79 @@
+"""Settings from ``INVOICING_*`` environment variables (CONTRACTS §1), optionally a ``.env``."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_duration(text: str) -> float:
+    """'500ms' → 0.5, '30s' → 30, '2m' → 120, '1h' → 3600, '45' → 45."""
+    text = text.strip().lower()
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, used in delay-queue names (``retry.30s``)."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60 or seconds % 60:
+        return f"{seconds:g}s"
+    if seconds < 3600 or seconds % 3600:
+        return f"{seconds / 60:g}m"
+    return f"{seconds / 3600:g}h"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INVOICING_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    exchange: str = "bookinda"
+    queue: str = "invoicing.sales"
+    dead_letter_queue: str = "invoicing.dead"
+    connections_file: str = "connections.toml"
+    ledger_url: str = "sqlite:///invoicing-ledger.db"
+    http_port: int = 9108
+    http_host: str = "0.0.0.0"
+    prefetch: int = Field(default=64, ge=1, le=65535)
+    billingo_url: str = "https://api.billingo.hu/v3"
+    szamlazz_url: str = "https://www.szamlazz.hu/szamla/"
+    log_level: str = "info"
+
+    #: The delay-queue ladder. A retry waits in the smallest tier at least as long as the
+    #: backoff asks for; the longest tier is the cap ("wait 5 min, auto-retry").
+    retry_delays: str = "5s,15s,30s,1m,2m,5m"
+    #: First backoff step; attempt n asks for base·2^(n-1), jittered, capped at the top tier.
+    retry_base_seconds: float = 5.0
+    #: Transient errors past this budget are dead-lettered as ``retries_exhausted``.
+    retry_budget_seconds: float = 24 * 3600.0
+    #: Never send one create/cancel to a provider more often than this (the Számla Agent's rule).
+    max_provider_attempts: int = 5
+
+    provider_timeout_seconds: float = 15.0
+    publish_timeout_seconds: float = 10.0
+    #: How long a worker may hold a sale before another worker may take it over.
+    lease_seconds: float = 90.0
+    #: On SIGTERM: how long in-flight messages may take before they are handed back.
+    shutdown_grace_seconds: float = 25.0
+    #: Bodies larger than this are dead-lettered as invalid_message without being parsed.
+    max_body_bytes: int = 1_000_000
+    #: How often the connections file is checked for changes.
+    connections_poll_seconds: float = 2.0
+    #: AMQP heartbeat; aiormq's 60 s default detects a dead broker only after ~3 minutes.
+    heartbeat_seconds: int = 15
+    #: Replay a tenant's dead-lettered messages when its connection becomes ACTIVE again.
+    auto_replay: bool = False
+
+    @field_validator("log_level")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+    @property
+    def retry_ladder(self) -> tuple[float, ...]:
+        return tuple(sorted(parse_duration(part) for part in self.retry_delays.split(",")))
