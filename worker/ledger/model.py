@@ -14,6 +14,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Literal, Protocol
 
+from handlers.draft import external_key
 from providers.base import Cancellation, IssuedInvoice
 
 
@@ -36,7 +37,7 @@ class SaleKey:
     @property
     def external_key(self) -> str:
         """Deterministic per tenant + sale + generation: Billingo vendor_id, szamlaKulsoAzon."""
-        return f"bookinda:{self.tenant_id}:{self.sale_id}:{self.invoice_generation}"
+        return external_key(self.tenant_id, self.sale_id, self.invoice_generation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,19 +134,31 @@ class Ledger(Protocol):
 
     # Every method below raises LeaseLost when ``owner`` no longer holds the lease.
 
-    async def start_issue(self, key: SaleKey, owner: str, provider: str, event_id: str) -> SaleRecord:
+    async def start_issue(
+        self, key: SaleKey, owner: str, provider: str, event_id: str
+    ) -> SaleRecord:
         """PENDING, issue_attempts + 1, issue_in_doubt = True; audit "issue.requested"."""
         ...
 
     async def issue_failed(
-        self, key: SaleKey, owner: str, event_id: str, error_code: str, message: str,
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
         in_doubt: bool,
     ) -> None:
         """Stay PENDING; record the error and whether the attempt may have created something."""
         ...
 
     async def record_issued(
-        self, key: SaleKey, owner: str, event_id: str, provider: str, invoice: IssuedInvoice,
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        provider: str,
+        invoice: IssuedInvoice,
         found: bool,
     ) -> SaleRecord:
         """ISSUED with the document; in_doubt cleared; audit "issue.succeeded" or "issue.found"."""
@@ -156,28 +169,52 @@ class Ledger(Protocol):
         ...
 
     async def cancel_failed(
-        self, key: SaleKey, owner: str, event_id: str, error_code: str, message: str,
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
         in_doubt: bool,
     ) -> None: ...
 
     async def record_cancelled(
-        self, key: SaleKey, owner: str, event_id: str, cancellation: Cancellation, found: bool,
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        cancellation: Cancellation,
+        found: bool,
     ) -> SaleRecord: ...
 
-    async def record_voided(self, key: SaleKey, owner: str, event_id: str, reason: str) -> SaleRecord:
+    async def record_voided(
+        self, key: SaleKey, owner: str, event_id: str, reason: str
+    ) -> SaleRecord:
         """VOIDED: no invoice may ever be issued for this generation."""
         ...
 
     async def record_failed(
-        self, key: SaleKey, owner: str, event_id: str, error_code: str, message: str,
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
     ) -> None:
         """FAILED (dead-lettered) unless a document exists; audit "dead_lettered"."""
         ...
 
     async def audit(
-        self, key: SaleKey, operation: str, outcome: str, *, event_id: str | None = None,
-        error_code: str | None = None, provider: str | None = None,
-        document_id: str | None = None, detail: str | None = None,
+        self,
+        key: SaleKey,
+        operation: str,
+        outcome: str,
+        *,
+        event_id: str | None = None,
+        error_code: str | None = None,
+        provider: str | None = None,
+        document_id: str | None = None,
+        detail: str | None = None,
     ) -> None:
         """Append to the audit trail without touching the state (no lease needed)."""
         ...

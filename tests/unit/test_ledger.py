@@ -1,0 +1,416 @@
+"""The ledger against real stores: a SQLite file in tmp_path and the local PostgreSQL.
+
+Each PostgreSQL test gets its own schema (``ledger_test_<uuid>``), dropped afterwards, so
+parallel test runs on one database never meet. PostgreSQL tests skip only when the server is
+unreachable (``INVOICING_TEST_POSTGRES_URL``, default the local one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from providers.base import Cancellation, IssuedInvoice
+from worker.ledger import (
+    ConnectionState,
+    LeaseLost,
+    Ledger,
+    SaleKey,
+    SaleState,
+    format_history,
+    open_ledger,
+    sqlite_path,
+)
+from worker.ledger.postgres import PostgresLedger
+from worker.ledger.schema import MIGRATIONS
+from worker.ledger.sqlite import SqliteLedger
+
+PG_URL = os.environ.get("INVOICING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+_pg_unreachable: list[str] = []  # cached reason after the first failed probe
+
+
+async def _pg_or_skip() -> None:
+    if _pg_unreachable:
+        pytest.skip(_pg_unreachable[0])
+    try:
+        conn = await asyncpg.connect(PG_URL, timeout=3)
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        _pg_unreachable.append(f"PostgreSQL unreachable at {PG_URL}: {exc!r}")
+        pytest.skip(_pg_unreachable[0])
+    await conn.close()
+
+
+LedgerFactory = Callable[[], Awaitable[Ledger]]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def make_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Opens ledgers sharing one store (same file / same schema), like separate workers."""
+    opened: list[Ledger] = []
+    schema_name = f"ledger_test_{uuid.uuid4().hex}"
+    if request.param == "postgres":
+        await _pg_or_skip()
+
+    async def make() -> Ledger:
+        ledger: Ledger
+        if request.param == "sqlite":
+            ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+        else:
+            ledger = PostgresLedger(PG_URL, schema_name=schema_name)
+        await ledger.open()
+        opened.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in opened:
+        await ledger.close()
+    if request.param == "postgres":
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def ledger(make_ledger: LedgerFactory) -> Ledger:
+    return await make_ledger()
+
+
+def _key(sale: str = "S-1", generation: int = 1, tenant: str = "hotel-aurora") -> SaleKey:
+    return SaleKey(tenant, sale, generation)
+
+
+async def _wait_for(
+    condition: Callable[[], Awaitable[Any]], deadline_s: float = 5.0, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = await condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+INVOICE = IssuedInvoice("doc-1", "INV-2026-1", Decimal("24990.10"), "HUF")
+STORNO = Cancellation("cancel", "doc-2", "INV-2026-1-S")
+
+
+async def test_full_lifecycle_with_audit(ledger: Ledger) -> None:
+    key = _key()
+    assert await ledger.get(key) is None
+
+    rec = await ledger.acquire(key, "w1", 30)
+    assert rec is not None
+    assert rec.state is SaleState.NEW
+    assert rec.issue_attempts == 0
+    assert rec.created_at is not None
+    assert rec.created_at.tzinfo is not None
+    assert rec.created_at.utcoffset() == UTC.utcoffset(None)
+
+    rec = await ledger.start_issue(key, "w1", "billingo", "ev-1")
+    assert (rec.state, rec.provider, rec.issue_attempts, rec.issue_in_doubt) == (
+        SaleState.PENDING,
+        "billingo",
+        1,
+        True,
+    )
+
+    await ledger.issue_failed(key, "w1", "ev-1", "provider_timeout", "read timed out", True)
+    rec2 = await ledger.get(key)
+    assert rec2 is not None
+    assert (rec2.state, rec2.issue_in_doubt, rec2.last_error_code) == (
+        SaleState.PENDING,
+        True,
+        "provider_timeout",
+    )
+
+    rec = await ledger.start_issue(key, "w1", "billingo", "ev-1")
+    assert rec.issue_attempts == 2
+    await ledger.issue_failed(key, "w1", "ev-1", "provider_unavailable", "503", False)
+    got = await ledger.get(key)
+    assert got is not None
+    assert got.issue_in_doubt is False
+
+    rec = await ledger.start_issue(key, "w1", "billingo", "ev-1")
+    rec = await ledger.record_issued(key, "w1", "ev-1", "billingo", INVOICE, found=False)
+    assert rec.state is SaleState.ISSUED
+    assert rec.issue_attempts == 3
+    assert rec.issue_in_doubt is False
+    assert rec.last_error_code is None
+    assert rec.gross_total == Decimal("24990.10")
+    assert str(rec.gross_total) == "24990.10"  # exact, not a float
+    assert rec.invoice == INVOICE
+
+    rec = await ledger.start_cancel(key, "w1", "ev-2")
+    assert (rec.state, rec.cancel_attempts, rec.cancel_in_doubt) == (
+        SaleState.CANCEL_PENDING,
+        1,
+        True,
+    )
+    await ledger.cancel_failed(key, "w1", "ev-2", "provider_timeout", "timeout", True)
+    got = await ledger.get(key)
+    assert got is not None
+    assert (got.state, got.cancel_in_doubt) == (SaleState.CANCEL_PENDING, True)
+
+    rec = await ledger.record_cancelled(key, "w1", "ev-2", STORNO, found=True)
+    assert rec.state is SaleState.CANCELLED
+    assert rec.cancel_in_doubt is False
+    assert rec.cancellation == STORNO
+    assert rec.invoice is not None
+    assert rec.invoice.cancelled
+    assert rec.document_id == "doc-1"
+    assert await ledger.get(key) == rec
+    assert rec.updated_at is not None
+    assert rec.created_at is not None
+    assert rec.updated_at >= rec.created_at
+
+    await ledger.release(key, "w1")
+    history = await ledger.history("S-1", "hotel-aurora")
+    assert [(e.operation, e.outcome) for e in history] == [
+        ("issue.requested", "started"),
+        ("issue.failed", "in_doubt"),
+        ("issue.requested", "started"),
+        ("issue.failed", "failed"),
+        ("issue.requested", "started"),
+        ("issue.succeeded", "issued"),
+        ("cancel.requested", "started"),
+        ("cancel.failed", "in_doubt"),
+        ("cancel.found", "cancelled"),
+    ]
+    assert all(e.event_id in ("ev-1", "ev-2") for e in history)
+    assert history[1].error_code == "provider_timeout"
+    assert history[1].detail == "read timed out"
+    assert history[5].document_id == "doc-1"
+    assert history[5].provider == "billingo"
+    assert history[6].document_id == "doc-1"  # the cancel names the document it cancels
+    assert history[8].document_id == "doc-2"
+    assert all(e.at.tzinfo is not None for e in history)
+    assert [e.at for e in history] == sorted(e.at for e in history)
+
+
+async def test_lease_is_exclusive_reentrant_and_released(ledger: Ledger) -> None:
+    key = _key()
+    assert await ledger.acquire(key, "w1", 30) is not None
+    assert await ledger.acquire(key, "w2", 30) is None
+    assert await ledger.acquire(key, "w1", 30) is not None  # re-entrant, extends
+    with pytest.raises(LeaseLost):
+        await ledger.start_issue(key, "w2", "billingo", "ev")
+    await ledger.release(key, "w2")  # not the owner: no effect
+    assert await ledger.acquire(key, "w2", 30) is None
+    await ledger.release(key, "w1")
+    rec = await ledger.acquire(key, "w2", 30)
+    assert rec is not None
+    assert rec.state is SaleState.NEW
+    await ledger.start_issue(key, "w2", "szamlazz", "ev")
+
+
+async def test_lease_lost_after_expiry_and_takeover(ledger: Ledger) -> None:
+    key = _key()
+    assert await ledger.acquire(key, "w1", 0.05) is not None
+    await ledger.start_issue(key, "w1", "billingo", "ev-1")
+    taken = await _wait_for(
+        lambda: ledger.acquire(key, "w2", 30), what="w2 to take over the expired lease"
+    )
+    assert taken.state is SaleState.PENDING
+    assert taken.issue_in_doubt
+    before = await ledger.history("S-1")
+    with pytest.raises(LeaseLost):
+        await ledger.record_issued(key, "w1", "ev-1", "billingo", INVOICE, found=False)
+    with pytest.raises(LeaseLost):
+        await ledger.issue_failed(key, "w1", "ev-1", "x", "y", False)
+    with pytest.raises(LeaseLost):
+        await ledger.record_failed(key, "w1", "ev-1", "x", "y")
+    after = await ledger.get(key)
+    assert after is not None
+    assert after.state is SaleState.PENDING
+    assert await ledger.history("S-1") == before  # nothing written by the loser
+    await ledger.release(key, "w1")  # the loser's release must not free w2's lease
+    assert await ledger.acquire(key, "w3", 30) is None
+
+
+async def test_expired_lease_without_takeover_is_lost(ledger: Ledger) -> None:
+    key = _key()
+    assert await ledger.acquire(key, "w1", 0.05) is not None
+    # The lease ended at most 0.05 s after acquire returned; the store's clock is this host's.
+    await asyncio.sleep(0.06)
+    with pytest.raises(LeaseLost):
+        await ledger.start_issue(key, "w1", "billingo", "ev")
+    with pytest.raises(LeaseLost):
+        await ledger.start_cancel(_key("never-acquired"), "w1", "ev")
+    rec = await ledger.acquire(key, "w1", 30)  # the same owner may simply take it again
+    assert rec is not None
+    assert rec.state is SaleState.NEW
+
+
+@pytest.mark.parametrize("rounds", [3])
+async def test_concurrent_acquire_exactly_one_wins(make_ledger: LedgerFactory, rounds: int) -> None:
+    a, b = await make_ledger(), await make_ledger()
+    for r in range(rounds):
+        key = _key(f"S-race-{r}")
+        results = await asyncio.gather(
+            *((a if i % 2 else b).acquire(key, f"worker-{i}", 30) for i in range(20))
+        )
+        winners = [i for i, rec in enumerate(results) if rec is not None]
+        assert len(winners) == 1, winners
+        rec = await a.get(key)
+        assert rec is not None
+        assert rec.state is SaleState.NEW
+        await (a if winners[0] % 2 else b).start_issue(key, f"worker-{winners[0]}", "b", "ev")
+
+
+async def test_record_failed_never_downgrades_a_document(ledger: Ledger) -> None:
+    pending, issued, voided = _key("S-p"), _key("S-i"), _key("S-v")
+    for key in (pending, issued, voided):
+        assert await ledger.acquire(key, "w", 30) is not None
+    await ledger.start_issue(pending, "w", "billingo", "ev")
+    await ledger.record_failed(pending, "w", "ev", "retries_exhausted", "gave up")
+    rec = await ledger.get(pending)
+    assert rec is not None
+    assert (rec.state, rec.issue_in_doubt, rec.last_error_code) == (
+        SaleState.FAILED,
+        True,  # a replay must still look the document up first
+        "retries_exhausted",
+    )
+
+    await ledger.start_issue(issued, "w", "billingo", "ev")
+    await ledger.record_issued(issued, "w", "ev", "billingo", INVOICE, found=True)
+    await ledger.start_cancel(issued, "w", "ev2")
+    await ledger.record_failed(issued, "w", "ev2", "document_mismatch", "ids differ")
+    rec = await ledger.get(issued)
+    assert rec is not None
+    assert (rec.state, rec.last_error_code) == (SaleState.CANCEL_PENDING, "document_mismatch")
+
+    await ledger.record_voided(voided, "w", "ev", "storno before invoice")
+    await ledger.record_failed(voided, "w", "ev", "invalid_message", "late")
+    rec = await ledger.get(voided)
+    assert rec is not None
+    assert rec.state is SaleState.VOIDED
+    ops = [e.operation for e in await ledger.history("S-v")]
+    assert ops == ["voided", "dead_lettered"]
+
+
+async def test_history_covers_generations_in_order_per_tenant(ledger: Ledger) -> None:
+    g1, g2, other = _key("S-9", 1), _key("S-9", 2), _key("S-9", 1, tenant="panzio-bella")
+    await ledger.acquire(g1, "w", 30)
+    await ledger.start_issue(g1, "w", "billingo", "e1")
+    await ledger.record_issued(g1, "w", "e1", "billingo", INVOICE, found=False)
+    await ledger.audit(other, "issue.requested", "started", event_id="x")
+    await ledger.start_cancel(g1, "w", "e2")
+    await ledger.record_cancelled(g1, "w", "e2", STORNO, found=False)
+    await ledger.audit(g1, "duplicate", "skipped", event_id="e1", detail="already issued")
+    await ledger.acquire(g2, "w", 30)
+    await ledger.record_voided(g2, "w", "e3", "storno first")
+
+    mine = await ledger.history("S-9", "hotel-aurora")
+    assert [(e.invoice_generation, e.operation) for e in mine] == [
+        (1, "issue.requested"),
+        (1, "issue.succeeded"),
+        (1, "cancel.requested"),
+        (1, "cancel.succeeded"),
+        (1, "duplicate"),
+        (2, "voided"),
+    ]
+    everyone = await ledger.history("S-9")
+    assert len(everyone) == 7
+    assert everyone[2].tenant_id == "panzio-bella"
+    assert await ledger.history("S-unknown") == []
+
+    text = format_history(mine)
+    for op in ("issue.requested", "issue.succeeded", "cancel.succeeded", "voided", "duplicate"):
+        assert op in text
+    assert "doc-1" in text
+    assert "already issued" in text
+    lines = text.splitlines()
+    assert lines[0] == "History of sale S-9 (tenant hotel-aurora)"
+    assert lines[1].split()[:4] == ["time", "(UTC)", "gen", "operation"]
+    assert len(lines) == 3 + len(mine)
+    # fixed width: every operation starts in the same column
+    column = lines[1].index("operation")
+    assert all(
+        line[column:].startswith(e.operation) for line, e in zip(lines[3:], mine, strict=True)
+    )
+    assert "panzio-bella" in format_history(everyone)
+
+
+async def test_connection_state_upsert_round_trip(ledger: Ledger) -> None:
+    assert await ledger.load_connection_states() == []
+    at = datetime(2026, 11, 21, 9, 12, 0, 123000, tzinfo=UTC)
+    err = ConnectionState("hotel-aurora", "billingo", "ERROR", "invalid_api_key", "401", "fp1", at)
+    await ledger.save_connection_state(err)
+    await ledger.save_connection_state(
+        ConnectionState("panzio-bella", "szamlazz", "ACTIVE", None, "ok", "fp9")
+    )
+    states = await ledger.load_connection_states()
+    assert states[0] == err
+    assert states[1].updated_at is not None
+    assert states[1].updated_at.tzinfo is not None
+
+    ok = ConnectionState("hotel-aurora", "billingo", "ACTIVE", None, "ok", "fp2", at)
+    await ledger.save_connection_state(ok)
+    states = await ledger.load_connection_states()
+    assert [s.tenant_id for s in states] == ["hotel-aurora", "panzio-bella"]
+    assert states[0] == ok
+
+
+async def test_migrations_are_idempotent_and_data_survives_reopen(
+    make_ledger: LedgerFactory,
+) -> None:
+    first = await make_ledger()
+    key = _key()
+    await first.acquire(key, "w", 30)
+    await first.start_issue(key, "w", "billingo", "ev")
+    await first.close()
+    await first.open()  # reopen the same instance
+    second, third = await asyncio.gather(make_ledger(), make_ledger())  # concurrent opens
+    for ledger in (first, second, third):
+        assert isinstance(ledger, SqliteLedger | PostgresLedger)
+        assert await ledger.schema_version() == MIGRATIONS[-1].version
+        rec = await ledger.get(key)
+        assert rec is not None
+        assert rec.state is SaleState.PENDING
+
+
+def test_open_ledger_picks_the_backend_by_url() -> None:
+    assert sqlite_path("sqlite:///invoicing-ledger.db") == "invoicing-ledger.db"
+    assert sqlite_path("sqlite:///data/ledger.db") == "data/ledger.db"
+    assert sqlite_path("sqlite:////var/lib/ledger.db") == "/var/lib/ledger.db"
+    assert sqlite_path("sqlite:///:memory:") == ":memory:"
+    ledger = open_ledger("sqlite:////tmp/x.db")
+    assert isinstance(ledger, SqliteLedger)
+    assert ledger.path == "/tmp/x.db"
+    for url in ("postgresql://u@h:5432/db", "postgres://u@h/db"):
+        pg = open_ledger(url)
+        assert isinstance(pg, PostgresLedger)
+        assert pg.url == url
+    with pytest.raises(ValueError, match="unsupported"):
+        open_ledger("mysql://x")
+    with pytest.raises(ValueError, match="three slashes"):
+        open_ledger("sqlite://relative.db")
+
+
+async def test_sqlite_memory_url_works() -> None:
+    ledger = open_ledger("sqlite:///:memory:")
+    await ledger.open()
+    try:
+        assert await ledger.acquire(_key(), "w", 1) is not None
+        assert await ledger.get(_key()) is not None
+    finally:
+        await ledger.close()
+
+
+def test_format_history_empty() -> None:
+    assert format_history([]) == "(no history)"

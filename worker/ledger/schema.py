@@ -1,0 +1,439 @@
+"""The ledger's tables, their migrations, and what both backends share about rows and statements.
+
+Migrations are ordered and applied automatically by ``Ledger.open()``: each backend takes a
+lock (SQLite ``BEGIN IMMEDIATE``, PostgreSQL an advisory transaction lock), reads
+``schema_version`` and applies the missing ones in one transaction, so several replicas starting
+at once migrate exactly once. Never edit a released migration; append a new one.
+
+The state-changing statements are written once, with ``:name`` parameters and ``:now`` for the
+current time, and rendered per dialect (SQLite binds ``:now`` from Python; PostgreSQL uses the
+server clock, so leases between replicas on different hosts compare against one clock).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, Protocol, cast
+
+from providers.base import Cancellation, IssuedInvoice
+from worker.ledger.model import AuditEntry, ConnectionState, SaleKey, SaleRecord, SaleState
+
+Dialect = Literal["sqlite", "postgres"]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+    def statements(self, dialect: Dialect) -> tuple[str, ...]:
+        return self.sqlite if dialect == "sqlite" else self.postgres
+
+
+_SALES = """
+CREATE TABLE IF NOT EXISTS sales (
+    tenant_id TEXT NOT NULL,
+    sale_id TEXT NOT NULL,
+    invoice_generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    provider TEXT,
+    document_id TEXT,
+    invoice_number TEXT,
+    gross_total TEXT,
+    currency TEXT,
+    cancel_kind TEXT,
+    cancel_document_id TEXT,
+    cancel_invoice_number TEXT,
+    issue_attempts INTEGER NOT NULL DEFAULT 0,
+    issue_in_doubt BOOLEAN NOT NULL DEFAULT FALSE,
+    cancel_attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_in_doubt BOOLEAN NOT NULL DEFAULT FALSE,
+    last_error_code TEXT,
+    created_at {ts} NOT NULL,
+    updated_at {ts} NOT NULL,
+    lease_owner TEXT,
+    lease_until {ts},
+    PRIMARY KEY (tenant_id, sale_id, invoice_generation)
+)"""
+
+_AUDIT = """
+CREATE TABLE IF NOT EXISTS audit (
+    id {id},
+    at {ts} NOT NULL,
+    tenant_id TEXT NOT NULL,
+    sale_id TEXT NOT NULL,
+    invoice_generation INTEGER NOT NULL,
+    operation TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    event_id TEXT,
+    error_code TEXT,
+    provider TEXT,
+    document_id TEXT,
+    detail TEXT
+)"""
+
+# (sale_id, tenant_id) rather than (tenant_id, sale_id): serves history() with a tenant (both
+# equalities) and without one (the leading column), with one index to maintain on the hot path.
+_AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_sale_idx ON audit (sale_id, tenant_id, id)"
+
+_CONNECTION_STATES = """
+CREATE TABLE IF NOT EXISTS connection_states (
+    tenant_id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error_code TEXT,
+    message TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    updated_at {ts} NOT NULL
+)"""
+
+_SQLITE = {"ts": "TEXT", "id": "INTEGER PRIMARY KEY AUTOINCREMENT"}
+_POSTGRES = {"ts": "TIMESTAMPTZ", "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "sales, audit trail, connection states",
+        sqlite=(
+            _SALES.format(**_SQLITE),
+            _AUDIT.format(**_SQLITE),
+            _AUDIT_INDEX,
+            _CONNECTION_STATES.format(**_SQLITE),
+        ),
+        postgres=(
+            _SALES.format(**_POSTGRES),
+            _AUDIT.format(**_POSTGRES),
+            _AUDIT_INDEX,
+            _CONNECTION_STATES.format(**_POSTGRES),
+        ),
+    ),
+)
+
+SCHEMA_VERSION_TABLE = {
+    "sqlite": (
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    ),
+    "postgres": (
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+        "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    ),
+}
+
+# --------------------------------------------------------------------------- statements
+
+SALE_COLUMNS = (
+    "tenant_id",
+    "sale_id",
+    "invoice_generation",
+    "state",
+    "provider",
+    "document_id",
+    "invoice_number",
+    "gross_total",
+    "currency",
+    "cancel_kind",
+    "cancel_document_id",
+    "cancel_invoice_number",
+    "issue_attempts",
+    "issue_in_doubt",
+    "cancel_attempts",
+    "cancel_in_doubt",
+    "last_error_code",
+    "created_at",
+    "updated_at",
+)
+SALE_SELECT = ", ".join(SALE_COLUMNS)
+
+AUDIT_COLUMNS = (
+    "at",
+    "tenant_id",
+    "sale_id",
+    "invoice_generation",
+    "operation",
+    "outcome",
+    "event_id",
+    "error_code",
+    "provider",
+    "document_id",
+    "detail",
+)
+AUDIT_SELECT = ", ".join(AUDIT_COLUMNS)
+
+CONNECTION_COLUMNS = (
+    "tenant_id",
+    "provider",
+    "status",
+    "error_code",
+    "message",
+    "fingerprint",
+    "updated_at",
+)
+
+KEY_WHERE = "tenant_id = :tenant_id AND sale_id = :sale_id AND invoice_generation = :generation"
+LEASE_WHERE = "lease_owner = :owner AND lease_until >= :now"
+
+#: States that keep a document (or must never get one); record_failed does not overwrite them.
+_KEEP_ON_FAILURE = "state = 'voided' OR document_id IS NOT NULL"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One lease-checked state change plus its audit entry.
+
+    ``set_sql`` is the UPDATE's SET list. The audit entry takes ``:a_operation``,
+    ``:a_outcome``, ``:event_id``, ``:a_error_code``, ``:a_detail`` from parameters and its
+    provider / document from ``:a_provider`` / ``:a_document_id`` when given, else from the row.
+    """
+
+    set_sql: str
+
+
+START_ISSUE = Transition(
+    "state = 'pending', provider = :provider, issue_attempts = issue_attempts + 1, "
+    "issue_in_doubt = TRUE"
+)
+ISSUE_FAILED = Transition("last_error_code = :error_code, issue_in_doubt = :in_doubt")
+RECORD_ISSUED = Transition(
+    "state = 'issued', provider = :provider, document_id = :document_id, "
+    "invoice_number = :invoice_number, gross_total = :gross_total, currency = :currency, "
+    "issue_in_doubt = FALSE, last_error_code = NULL"
+)
+START_CANCEL = Transition(
+    "state = 'cancel_pending', cancel_attempts = cancel_attempts + 1, cancel_in_doubt = TRUE"
+)
+CANCEL_FAILED = Transition("last_error_code = :error_code, cancel_in_doubt = :in_doubt")
+RECORD_CANCELLED = Transition(
+    "state = 'cancelled', cancel_kind = :cancel_kind, cancel_document_id = :cancel_document_id, "
+    "cancel_invoice_number = :cancel_invoice_number, cancel_in_doubt = FALSE, "
+    "last_error_code = NULL"
+)
+RECORD_VOIDED = Transition("state = 'voided'")
+RECORD_FAILED = Transition(
+    f"state = CASE WHEN {_KEEP_ON_FAILURE} THEN state ELSE 'failed' END, "
+    "last_error_code = :error_code"
+)
+
+_PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+
+def render_postgres(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``:name`` → ``$n`` (``:now`` → the server's ``now()``); returns the parameter order."""
+    names: list[str] = []
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "now":
+            return "now()"
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _PARAM.sub(sub, sql), tuple(names)
+
+
+def transition_sql_postgres(t: Transition) -> tuple[str, tuple[str, ...]]:
+    """One statement: the lease-checked UPDATE and the audit INSERT, atomic, one round trip."""
+    sql = f"""
+WITH u AS (
+    UPDATE sales SET {t.set_sql}, updated_at = :now
+    WHERE {KEY_WHERE} AND {LEASE_WHERE}
+    RETURNING *
+), a AS (
+    INSERT INTO audit ({AUDIT_SELECT})
+    SELECT u.updated_at, u.tenant_id, u.sale_id, u.invoice_generation, :a_operation,
+           :a_outcome, :event_id, :a_error_code, COALESCE(:a_provider, u.provider),
+           COALESCE(:a_document_id, u.document_id), :a_detail
+    FROM u
+)
+SELECT {SALE_SELECT} FROM u"""
+    return render_postgres(sql)
+
+
+def transition_update_sqlite(t: Transition) -> str:
+    """The UPDATE half for SQLite; the audit row is inserted in the same transaction."""
+    return (
+        f"UPDATE sales SET {t.set_sql}, updated_at = :now "
+        f"WHERE {KEY_WHERE} AND {LEASE_WHERE} RETURNING {SALE_SELECT}"
+    )
+
+
+AUDIT_INSERT = (
+    f"INSERT INTO audit ({AUDIT_SELECT}) VALUES (:now, :tenant_id, :sale_id, :generation, "
+    ":a_operation, :a_outcome, :event_id, :a_error_code, :a_provider, :a_document_id, :a_detail)"
+)
+
+ACQUIRE = f"""
+INSERT INTO sales AS s (tenant_id, sale_id, invoice_generation, state, created_at, updated_at,
+                        lease_owner, lease_until)
+VALUES (:tenant_id, :sale_id, :generation, 'new', :now, :now, :owner, :until)
+ON CONFLICT (tenant_id, sale_id, invoice_generation) DO UPDATE
+SET lease_owner = excluded.lease_owner, lease_until = excluded.lease_until
+WHERE s.lease_owner IS NULL OR s.lease_until < :now OR s.lease_owner = excluded.lease_owner
+RETURNING {SALE_SELECT}"""
+
+RELEASE = (
+    f"UPDATE sales SET lease_owner = NULL, lease_until = NULL WHERE {KEY_WHERE} "
+    "AND lease_owner = :owner"
+)
+GET = f"SELECT {SALE_SELECT} FROM sales WHERE {KEY_WHERE}"
+HISTORY_ALL = f"SELECT {AUDIT_SELECT} FROM audit WHERE sale_id = :sale_id ORDER BY at, id"
+HISTORY_TENANT = (
+    f"SELECT {AUDIT_SELECT} FROM audit WHERE sale_id = :sale_id AND tenant_id = :tenant_id "
+    "ORDER BY at, id"
+)
+LOAD_CONNECTIONS = (
+    f"SELECT {', '.join(CONNECTION_COLUMNS)} FROM connection_states ORDER BY tenant_id"
+)
+SAVE_CONNECTION = f"""
+INSERT INTO connection_states ({", ".join(CONNECTION_COLUMNS)})
+VALUES (:tenant_id, :provider, :status, :error_code, :message, :fingerprint, :updated_at)
+ON CONFLICT (tenant_id) DO UPDATE SET provider = excluded.provider, status = excluded.status,
+    error_code = excluded.error_code, message = excluded.message,
+    fingerprint = excluded.fingerprint, updated_at = excluded.updated_at"""
+
+
+def key_params(key: SaleKey) -> dict[str, Any]:
+    return {
+        "tenant_id": key.tenant_id,
+        "sale_id": key.sale_id,
+        "generation": key.invoice_generation,
+    }
+
+
+def audit_params(
+    operation: str,
+    outcome: str,
+    *,
+    event_id: str | None = None,
+    error_code: str | None = None,
+    provider: str | None = None,
+    document_id: str | None = None,
+    detail: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "a_operation": operation,
+        "a_outcome": outcome,
+        "event_id": event_id,
+        "a_error_code": error_code,
+        "a_provider": provider,
+        "a_document_id": document_id,
+        "a_detail": detail,
+    }
+
+
+def issued_values(provider: str, invoice: IssuedInvoice) -> dict[str, Any]:
+    return {
+        "provider": provider,
+        "document_id": invoice.document_id,
+        "invoice_number": invoice.invoice_number,
+        # Money as text: Decimal round-trips exactly ("24990.00" stays "24990.00").
+        "gross_total": str(invoice.gross_total),
+        "currency": invoice.currency,
+    }
+
+
+def cancelled_values(cancellation: Cancellation) -> dict[str, Any]:
+    return {
+        "cancel_kind": cancellation.kind,
+        "cancel_document_id": cancellation.document_id,
+        "cancel_invoice_number": cancellation.invoice_number,
+    }
+
+
+def connection_params(state: ConnectionState) -> dict[str, Any]:
+    return {
+        "tenant_id": state.tenant_id,
+        "provider": state.provider,
+        "status": state.status,
+        "error_code": state.error_code,
+        "message": state.message,
+        "fingerprint": state.fingerprint,
+        "updated_at": to_utc(state.updated_at) or datetime.now(UTC),
+    }
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class Row(Protocol):
+    """sqlite3.Row and asyncpg.Record both index by column name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def to_utc(value: datetime | str | None) -> datetime | None:
+    """An aware UTC datetime from a TIMESTAMPTZ value or SQLite's ISO text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def iso(value: datetime) -> str:
+    """Fixed-width UTC ISO text, so SQLite compares times correctly as strings."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def sale_from_row(row: Row) -> SaleRecord:
+    gross = row["gross_total"]
+    return SaleRecord(
+        key=SaleKey(row["tenant_id"], row["sale_id"], int(row["invoice_generation"])),
+        state=SaleState(row["state"]),
+        provider=row["provider"],
+        document_id=row["document_id"],
+        invoice_number=row["invoice_number"],
+        gross_total=Decimal(gross) if gross is not None else None,
+        currency=row["currency"],
+        cancel_kind=row["cancel_kind"],
+        cancel_document_id=row["cancel_document_id"],
+        cancel_invoice_number=row["cancel_invoice_number"],
+        issue_attempts=int(row["issue_attempts"]),
+        issue_in_doubt=bool(row["issue_in_doubt"]),
+        cancel_attempts=int(row["cancel_attempts"]),
+        cancel_in_doubt=bool(row["cancel_in_doubt"]),
+        last_error_code=row["last_error_code"],
+        created_at=to_utc(row["created_at"]),
+        updated_at=to_utc(row["updated_at"]),
+    )
+
+
+def audit_from_row(row: Row) -> AuditEntry:
+    at = to_utc(row["at"])
+    assert at is not None
+    return AuditEntry(
+        at=at,
+        tenant_id=row["tenant_id"],
+        sale_id=row["sale_id"],
+        invoice_generation=int(row["invoice_generation"]),
+        operation=row["operation"],
+        outcome=row["outcome"],
+        event_id=row["event_id"],
+        error_code=row["error_code"],
+        provider=row["provider"],
+        document_id=row["document_id"],
+        detail=row["detail"],
+    )
+
+
+def connection_from_row(row: Row) -> ConnectionState:
+    return ConnectionState(
+        tenant_id=row["tenant_id"],
+        provider=row["provider"],
+        status=cast(Literal["ACTIVE", "ERROR"], row["status"]),
+        error_code=row["error_code"],
+        message=row["message"],
+        fingerprint=row["fingerprint"],
+        updated_at=to_utc(row["updated_at"]),
+    )
