@@ -1,10 +1,13 @@
 """Line arithmetic in exact decimals, the way the Számla Agent checks it (codes 259–264).
 
-HUF amounts are whole forints, other currencies two decimals; halves round up.
-Net-priced line: net = round(unit × qty); VAT = round(net × rate / 100); gross = net + VAT.
-Gross-priced line: gross = round(unit × qty); net = round(gross × 100 / (100 + rate));
-VAT = gross − net. Either way net + VAT = gross holds exactly and VAT is within half a unit of
-net × rate / 100, so the provider's own checks pass.
+HUF amounts are whole forints, other currencies two decimals; halves round away from zero
+(so a negative discount line mirrors its positive twin).
+Net-priced line: net = round(unit × qty); VAT = round(net × rate / 100); gross = net + VAT;
+the net unit price is the sale's own unit price.
+Gross-priced line: gross = round(unit × qty); net is the whole amount nearest to
+gross × 100 / (100 + rate) for which VAT = gross − net equals round(net × rate / 100), when
+such a net exists (it does for all but a few gross amounts); otherwise the nearest net, and VAT
+is then within 0.635 of a unit of net × rate / 100. Either way net + VAT = gross holds exactly.
 """
 
 from __future__ import annotations
@@ -19,11 +22,29 @@ VAT_PERCENTAGES: dict[str, Decimal] = {"27%": Decimal(27), "18%": Decimal(18), "
 
 #: Exemption / out-of-scope codes (CONTRACTS §4); they are invoiced with zero VAT.
 SPECIAL_VAT_CODES: frozenset[str] = frozenset(
-    {"AAM", "TAM", "EU", "EUK", "MAA", "F.AFA", "K.AFA", "ÁKK", "ÁTHK", "KBAET", "EAM", "NAM",
-     "ATK", "EUFAD37", "EUFADE", "EUE", "HO"}
+    {
+        "AAM",
+        "TAM",
+        "EU",
+        "EUK",
+        "MAA",
+        "F.AFA",
+        "K.AFA",
+        "ÁKK",
+        "ÁTHK",
+        "KBAET",
+        "EAM",
+        "NAM",
+        "ATK",
+        "EUFAD37",
+        "EUFADE",
+        "EUE",
+        "HO",
+    }
 )
 
-_UNIT_PRICE_PLACES = Decimal("0.0001")
+#: Unit prices travel with at most four decimals (Számla Agent nettoEgysegar, Billingo).
+UNIT_PRICE_PLACES = Decimal("0.0001")
 
 
 def currency_places(currency: str) -> Decimal:
@@ -32,7 +53,9 @@ def currency_places(currency: str) -> Decimal:
 
 
 def round_money(value: Decimal, currency: str) -> Decimal:
-    return value.quantize(currency_places(currency), rounding=ROUND_HALF_UP)
+    rounded = value.quantize(currency_places(currency), rounding=ROUND_HALF_UP)
+    # A small negative amount rounds to -0, which would print as "-0" on the invoice.
+    return rounded.copy_abs() if rounded == 0 else rounded
 
 
 def vat_rate(label: str) -> Decimal:
@@ -44,7 +67,23 @@ def vat_rate(label: str) -> Decimal:
     raise KeyError(label)
 
 
+def _net_of_gross(gross: Decimal, rate: Decimal, currency: str) -> Decimal:
+    # The plain formula round(gross / (1 + rate)) can leave VAT a unit away from
+    # round(net × rate): 2 Ft gross at 27% gives net 2, VAT 0, while 2 × 27% rounds to 1.
+    # A strict check (Számla Agent 260/263) refuses that, so prefer the nearest net whose VAT
+    # is exactly the rounded one; only when no such net exists keep the nearest.
+    unit = currency_places(currency)
+    nearest = round_money(gross * 100 / (100 + rate), currency)
+    for candidate in (nearest, nearest - unit, nearest + unit):
+        if candidate + round_money(candidate * rate / 100, currency) == gross:
+            return candidate
+    return nearest
+
+
 def compute_line(item: Item, currency: str) -> InvoiceLine:
+    """Every amount of one line. Raises ValueError for a zero quantity (no unit price exists)."""
+    if item.quantity == 0:
+        raise ValueError(f"line {item.name!r} has quantity 0")
     rate = vat_rate(item.vat)
     raw = item.unit_price * item.quantity
     if item.price_type == "net":
@@ -53,9 +92,13 @@ def compute_line(item: Item, currency: str) -> InvoiceLine:
         gross = net + vat
     else:
         gross = round_money(raw, currency)
-        net = round_money(gross * 100 / (100 + rate), currency)
+        net = _net_of_gross(gross, rate, currency)
         vat = gross - net
-    net_unit = (net / item.quantity).quantize(_UNIT_PRICE_PLACES, rounding=ROUND_HALF_UP)
+    if item.price_type == "net" and item.unit_price == item.unit_price.quantize(UNIT_PRICE_PLACES):
+        # The quoted price itself: round(price × qty) = net holds by construction.
+        net_unit = item.unit_price.quantize(UNIT_PRICE_PLACES)
+    else:
+        net_unit = (net / item.quantity).quantize(UNIT_PRICE_PLACES, rounding=ROUND_HALF_UP)
     return InvoiceLine(
         name=item.name,
         quantity=item.quantity,
