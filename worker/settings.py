@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower()
+
+    @model_validator(mode="after")
+    def _lease_outlives_provider_calls(self) -> Settings:
+        # One message may make up to five provider calls (lookup, rate, partner, create...).
+        # A lease that expired mid-call would let a second worker create a second invoice.
+        if self.lease_seconds < 5 * self.provider_timeout_seconds:
+            raise ValueError(
+                "INVOICING_LEASE_SECONDS must be at least 5 × INVOICING_PROVIDER_TIMEOUT_SECONDS"
+            )
+        return self
 
     @property
     def retry_ladder(self) -> tuple[float, ...]:

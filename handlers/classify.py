@@ -1,0 +1,79 @@
+"""Pure decision: what happens to a message after a failed attempt (CONTRACTS §6).
+
+Transient errors back off exponentially with jitter, capped at the longest delay tier
+("wait 5 min, auto-retry"), honouring the provider's Retry-After, until the retry budget is
+spent. Everything else is dead-lettered with its code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from handlers.errors import ErrorCode, InvoicingError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    #: The delay tiers in seconds, shortest first (one delay queue each).
+    ladder: tuple[float, ...]
+    base_seconds: float
+    budget_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    #: The tier the message waits in before it is tried again.
+    delay: float
+    next_attempt_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    code: ErrorCode
+    message: str
+
+
+def backoff(attempt: int, policy: RetryPolicy, jitter: float) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based).
+
+    "Equal jitter": half the exponential step is fixed, half random, so a wave of messages that
+    failed together spreads over the next tiers instead of returning in lockstep.
+    ``jitter`` is a number in [0, 1).
+    """
+    cap = policy.ladder[-1]
+    step: float = min(cap, policy.base_seconds * 2.0 ** max(0, attempt - 1))
+    return step / 2 + step / 2 * jitter
+
+
+def pick_tier(seconds: float, ladder: tuple[float, ...]) -> float:
+    """The shortest tier at least ``seconds`` long; the longest tier caps it."""
+    for tier in ladder:
+        if tier >= seconds:
+            return tier
+    return ladder[-1]
+
+
+def classify(
+    error: InvoicingError,
+    *,
+    attempt: int,
+    first_failed_at: datetime,
+    now: datetime,
+    policy: RetryPolicy,
+    jitter: float,
+) -> Retry | DeadLetter:
+    if not error.transient:
+        return DeadLetter(error.code, error.message)
+    elapsed = (now - first_failed_at).total_seconds()
+    wanted = backoff(attempt, policy, jitter)
+    if error.retry_after is not None:
+        wanted = max(wanted, error.retry_after)
+    delay = pick_tier(wanted, policy.ladder)
+    if elapsed + delay > policy.budget_seconds:
+        return DeadLetter(
+            ErrorCode.RETRIES_EXHAUSTED,
+            f"gave up after {attempt} attempts over {elapsed:.0f}s; "
+            f"last error {error.code}: {error.message}",
+        )
+    return Retry(delay=delay, next_attempt_at=now + timedelta(seconds=delay))

@@ -1,0 +1,271 @@
+"""What ``sale.paid`` and ``sale.storno`` mean: the exactly-once issue and cancel flows.
+
+Each flow holds the sale generation's lease, reads its ledger record and acts on its state.
+The ledger is written *before* every provider request that creates something, so a crash or
+a lost answer leaves the record "in doubt", and the next attempt looks the document up by
+its deterministic external key instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from handlers.context import Context, Handled
+from handlers.draft import build_draft, external_key
+from handlers.errors import ErrorCode, InvoicingError
+from handlers.messages import (
+    CancellationInfo,
+    InvoiceCancelled,
+    InvoiceIssued,
+    ProviderName,
+    SalePaid,
+    SaleStorno,
+)
+from handlers.validation import validate_sale
+from providers.base import CancelRequest, Provider, TenantConnection
+from worker.ledger.model import SaleKey, SaleRecord, SaleState
+
+log = structlog.get_logger(__name__)
+
+
+def issued_event(record: SaleRecord, causation_id: str) -> InvoiceIssued:
+    invoice = record.invoice
+    assert invoice is not None
+    assert record.provider is not None
+    provider: ProviderName = "szamlazz" if record.provider == "szamlazz" else "billingo"
+    return InvoiceIssued(
+        causation_id=causation_id,
+        tenant_id=record.key.tenant_id,
+        sale_id=record.key.sale_id,
+        invoice_generation=record.key.invoice_generation,
+        provider=provider,
+        document_id=invoice.document_id,
+        invoice_number=invoice.invoice_number,
+        gross_total=invoice.gross_total,
+        currency=invoice.currency,
+    )
+
+
+def cancelled_event(record: SaleRecord, causation_id: str) -> InvoiceCancelled:
+    invoice, cancellation = record.invoice, record.cancellation
+    assert invoice is not None
+    assert cancellation is not None
+    assert record.provider is not None
+    provider: ProviderName = "szamlazz" if record.provider == "szamlazz" else "billingo"
+    return InvoiceCancelled(
+        causation_id=causation_id,
+        tenant_id=record.key.tenant_id,
+        sale_id=record.key.sale_id,
+        invoice_generation=record.key.invoice_generation,
+        provider=provider,
+        document_id=invoice.document_id,
+        invoice_number=invoice.invoice_number,
+        cancellation=CancellationInfo(
+            kind=cancellation.kind,
+            document_id=cancellation.document_id,
+            invoice_number=cancellation.invoice_number,
+        ),
+    )
+
+
+def _attempts_left(used: int, ctx: Context, what: str) -> None:
+    # The Számla Agent's rule, applied to both providers: never send one request more than
+    # max_provider_attempts times, however many times the message comes back.
+    if used >= ctx.max_provider_attempts:
+        raise InvoicingError(
+            ErrorCode.RETRIES_EXHAUSTED,
+            f"{what} was already sent {used} times without a recorded result; not sending it again",
+        )
+
+
+async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
+    conn = ctx.connection(event.tenant_id)
+    if not conn.auto_invoice and event.sale.trigger == "auto":
+        log.info("sale.skipped", reason="auto_invoice is off for the tenant")
+        return Handled("skipped")
+    # Pre-flight: a bad sale costs no API call and never reaches the provider.
+    validate_sale(event.sale, conn)
+    key = SaleKey(event.tenant_id, event.sale.id, event.sale.invoice_generation)
+    async with ctx.lease(key) as record:
+        if record.state is SaleState.ISSUED:
+            # At-least-once delivery: announce the same document again, never a second one.
+            await ctx.ledger.audit(
+                key,
+                "issue",
+                "duplicate",
+                event_id=event.event_id,
+                provider=record.provider,
+                document_id=record.document_id,
+            )
+            return Handled("duplicate", (issued_event(record, event.event_id),))
+        if record.state in (SaleState.CANCEL_PENDING, SaleState.CANCELLED, SaleState.VOIDED):
+            # A late duplicate of a generation that was stornoed: nothing to issue.
+            await ctx.ledger.audit(
+                key,
+                "issue",
+                "ignored",
+                event_id=event.event_id,
+                detail=f"generation is {record.state}",
+            )
+            return Handled("duplicate")
+        provider = ctx.provider(conn)
+        record = await _issue(event, conn, provider, record, ctx)
+        return Handled("issued", (issued_event(record, event.event_id),), provider_ok=True)
+
+
+async def _issue(
+    event: SalePaid, conn: TenantConnection, provider: Provider, record: SaleRecord, ctx: Context
+) -> SaleRecord:
+    key = record.key
+    if record.issue_in_doubt:
+        # An earlier create may have succeeded without us hearing the answer: look first.
+        found = await provider.find_invoice(conn, key.external_key)
+        if found is not None:
+            log.info("invoice.found", document_id=found.document_id)
+            return await ctx.ledger.record_issued(
+                key, ctx.owner, event.event_id, provider.name, found, found=True
+            )
+    _attempts_left(record.issue_attempts, ctx, "the invoice")
+    draft = build_draft(event, conn, ctx.today())
+    await ctx.ledger.start_issue(key, ctx.owner, provider.name, event.event_id)
+    try:
+        invoice = await provider.issue(conn, draft)
+    except InvoicingError as exc:
+        await ctx.ledger.issue_failed(
+            key, ctx.owner, event.event_id, exc.code, exc.message, in_doubt=exc.outcome_unknown
+        )
+        raise
+    # Recorded before invoice.issued is published: a crash now re-announces, never re-creates.
+    record = await ctx.ledger.record_issued(
+        key, ctx.owner, event.event_id, provider.name, invoice, found=False
+    )
+    log.info(
+        "invoice.issued", document_id=invoice.document_id, invoice_number=invoice.invoice_number
+    )
+    return record
+
+
+async def handle_storno(event: SaleStorno, ctx: Context) -> Handled:
+    conn = ctx.connection(event.tenant_id)
+    key = SaleKey(event.tenant_id, event.sale_id, event.invoice_generation)
+    async with ctx.lease(key) as record:
+        if record.state is SaleState.CANCELLED:
+            _check_document(event, record)
+            await ctx.ledger.audit(
+                key,
+                "cancel",
+                "duplicate",
+                event_id=event.event_id,
+                provider=record.provider,
+                document_id=record.document_id,
+            )
+            return Handled("duplicate", (cancelled_event(record, event.event_id),))
+        if record.state is SaleState.VOIDED:
+            await ctx.ledger.audit(
+                key,
+                "cancel",
+                "duplicate",
+                event_id=event.event_id,
+                detail="generation already voided",
+            )
+            return Handled("duplicate")
+        provider = ctx.provider(conn)
+        if record.state not in (SaleState.ISSUED, SaleState.CANCEL_PENDING):
+            found_record = await _find_issued(event, conn, provider, record, ctx)
+            if found_record is None:
+                return await _void(event, record, ctx)
+            record = found_record
+        _check_document(event, record)
+        record = await _cancel(event, conn, provider, record, ctx)
+        return Handled("cancelled", (cancelled_event(record, event.event_id),), provider_ok=True)
+
+
+async def _find_issued(
+    event: SaleStorno,
+    conn: TenantConnection,
+    provider: Provider,
+    record: SaleRecord,
+    ctx: Context,
+) -> SaleRecord | None:
+    """Before a storno gives up on a sale we have no invoice for, ask the provider: an attempt
+    may have created one, or the ledger may have been lost."""
+    if record.state is not SaleState.NEW and not record.issue_in_doubt:
+        return None
+    found = await provider.find_invoice(conn, record.key.external_key)
+    if found is None:
+        return None
+    return await ctx.ledger.record_issued(
+        record.key, ctx.owner, event.event_id, provider.name, found, found=True
+    )
+
+
+async def _void(event: SaleStorno, record: SaleRecord, ctx: Context) -> Handled:
+    # No invoice exists and none may appear later: a sale.paid still waiting in a delay queue
+    # (or replayed from the dead-letter queue) finds the generation VOIDED and issues nothing.
+    was_new = record.state is SaleState.NEW
+    await ctx.ledger.record_voided(
+        record.key,
+        ctx.owner,
+        event.event_id,
+        "storno before any invoice existed" if was_new else "pending issue abandoned by storno",
+    )
+    if was_new:
+        raise InvoicingError(
+            ErrorCode.NOT_INVOICED,
+            f"sale {event.sale_id} generation {event.invoice_generation} has no invoice "
+            "(the generation is now voided: a late sale.paid will not issue one)",
+        )
+    log.info("issue.abandoned", reason="storno arrived before the invoice was issued")
+    return Handled("skipped")
+
+
+def _check_document(event: SaleStorno, record: SaleRecord) -> None:
+    if event.document_id is not None and event.document_id != record.document_id:
+        raise InvoicingError(
+            ErrorCode.DOCUMENT_MISMATCH,
+            f"storno names document {event.document_id} but sale {event.sale_id} generation "
+            f"{event.invoice_generation} was invoiced as document {record.document_id}",
+        )
+
+
+async def _cancel(
+    event: SaleStorno,
+    conn: TenantConnection,
+    provider: Provider,
+    record: SaleRecord,
+    ctx: Context,
+) -> SaleRecord:
+    key = record.key
+    invoice = record.invoice
+    assert invoice is not None
+    request = CancelRequest(
+        tenant_id=key.tenant_id,
+        sale_id=key.sale_id,
+        invoice_generation=key.invoice_generation,
+        external_key=external_key(key.tenant_id, key.sale_id, key.invoice_generation) + ":storno",
+        reason=event.reason,
+    )
+    if record.cancel_in_doubt:
+        # A cancel is never idempotent at Billingo: look for the storno before asking again.
+        found = await provider.find_cancellation(conn, invoice, request)
+        if found is not None:
+            return await ctx.ledger.record_cancelled(
+                key, ctx.owner, event.event_id, found, found=True
+            )
+    _attempts_left(record.cancel_attempts, ctx, "the cancellation")
+    await ctx.ledger.start_cancel(key, ctx.owner, event.event_id)
+    try:
+        cancellation = await provider.cancel(conn, invoice, request)
+    except InvoicingError as exc:
+        await ctx.ledger.cancel_failed(
+            key, ctx.owner, event.event_id, exc.code, exc.message, in_doubt=exc.outcome_unknown
+        )
+        raise
+    log.info(
+        "invoice.cancelled",
+        document_id=invoice.document_id,
+        cancellation_id=cancellation.document_id,
+    )
+    return await ctx.ledger.record_cancelled(
+        key, ctx.owner, event.event_id, cancellation, found=False
+    )

@@ -1,0 +1,260 @@
+"""Shared fixtures: the real local RabbitMQ, the provider sandboxes, a worker in-process.
+
+Every test gets its own exchange and queue names (CONTRACTS §2 names everything after
+INVOICING_QUEUE), its own ledger and its own sandbox accounts, so tests never meet on the
+shared broker, and they delete what they declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import uuid
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from providers.billingo.sandbox import BillingoSandbox
+from providers.szamlazz.sandbox import SzamlazzSandbox
+from worker.app import App, build, serve
+from worker.samples import Outbox, publish_event, publish_raw
+from worker.settings import Settings
+from worker.topology import Names
+
+AMQP_URL = os.environ.get("INVOICING_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_URL = os.environ.get(
+    "INVOICING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0, what: str = ""
+) -> None:
+    """Poll a condition with a deadline (never a guessed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_environ(settings: Settings, http_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICING_")}
+    for name, value in settings.model_dump().items():
+        env[f"INVOICING_{name.upper()}"] = str(value)
+    env["INVOICING_HTTP_PORT"] = str(http_port)
+    return env
+
+
+async def spawn_worker(settings: Settings, http_port: int, log: Path) -> Process:
+    """``invoicing-worker run`` as ops run it: a separate process, logs appended to ``log``."""
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            env=worker_environ(settings, http_port),
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+async def worker_ready(port: int) -> bool:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+@dataclass
+class Tenant:
+    tenant_id: str
+    provider: str
+    secret: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def toml(self) -> str:
+        key = "api_key" if self.provider == "billingo" else "agent_key"
+        lines = [
+            f'[tenants."{self.tenant_id}"]',
+            f'provider = "{self.provider}"',
+            f'{key} = "{self.secret}"',
+        ]
+        defaults: dict[str, Any] = (
+            {"block_id": 111} if self.provider == "billingo" else {"invoice_prefix": "BELLA"}
+        )
+        for name, value in {**defaults, **self.extra}.items():
+            rendered = (
+                str(value).lower()
+                if isinstance(value, bool)
+                else (f'"{value}"' if isinstance(value, str) else str(value))
+            )
+            lines.append(f"{name} = {rendered}")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Env:
+    """One test's world: settings, sandboxes, broker channel, outbox, and the worker."""
+
+    settings: Settings
+    billingo: BillingoSandbox
+    szamlazz: SzamlazzSandbox
+    connection: AbstractConnection
+    channel: AbstractChannel
+    outbox: Outbox
+    tmp: Path
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    app: App | None = None
+    _task: asyncio.Task[None] | None = None
+    _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    @property
+    def names(self) -> Names:
+        return Names.from_settings(self.settings)
+
+    def add_tenant(self, tenant_id: str, provider: str, **extra: Any) -> Tenant:
+        secret = f"key-{tenant_id}-{uuid.uuid4().hex[:8]}"
+        tenant = Tenant(tenant_id, provider, secret, extra)
+        self.tenants[tenant_id] = tenant
+        if provider == "billingo":
+            self.billingo.add_account(secret, block_ids=(111,))
+        else:
+            self.szamlazz.add_account(secret, prefixes=("BELLA",))
+        self.write_connections()
+        return tenant
+
+    def write_connections(self) -> None:
+        path = Path(self.settings.connections_file)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(t.toml() for t in self.tenants.values()), encoding="utf-8")
+        tmp.replace(path)  # atomic: the worker never reads half a file
+
+    def documents(self, tenant_id: str) -> list[dict[str, Any]]:
+        tenant = self.tenants[tenant_id]
+        if tenant.provider == "billingo":
+            return [d for d in self.billingo.documents(tenant.secret) if d["type"] == "invoice"]
+        return [i for i in self.szamlazz.invoices(tenant.secret) if i["kind"] == "invoice"]
+
+    def cancellations(self, tenant_id: str) -> list[dict[str, Any]]:
+        tenant = self.tenants[tenant_id]
+        if tenant.provider == "billingo":
+            return [
+                d for d in self.billingo.documents(tenant.secret) if d["type"] == "cancellation"
+            ]
+        return [i for i in self.szamlazz.invoices(tenant.secret) if i["kind"] == "reverse"]
+
+    def sandbox(self, tenant_id: str) -> BillingoSandbox | SzamlazzSandbox:
+        return self.billingo if self.tenants[tenant_id].provider == "billingo" else self.szamlazz
+
+    async def start_worker(self) -> App:
+        self.app = await self._stack.enter_async_context(build(self.settings))
+        self._task = asyncio.create_task(serve(self.app, install_signals=False))
+        app = self.app
+        await wait_until(lambda: app.consumer.ready, 20, "the worker to consume")
+        return app
+
+    async def stop_worker(self) -> None:
+        if self.app is not None and self._task is not None:
+            self.app.consumer.stop()
+            await asyncio.wait_for(self._task, 30)
+            self._task = None
+        await self._stack.aclose()
+        self._stack = contextlib.AsyncExitStack()
+        self.app = None
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        await publish_event(self.channel, self.settings.exchange, event)
+
+    async def publish_raw(self, routing_key: str, body: bytes) -> None:
+        await publish_raw(self.channel, self.settings.exchange, routing_key, body)
+
+    async def queue_depth(self, name: str) -> int:
+        queue = await self.channel.declare_queue(name, passive=True)
+        count = queue.declaration_result.message_count
+        return int(count or 0)
+
+    async def dead_letters(self) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Every message in the dead-letter queue, left in place (read, then requeued)."""
+        channel = await self.connection.channel()
+        queue = await channel.declare_queue(self.settings.dead_letter_queue, passive=True)
+        messages = []
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            messages.append(message)
+        await channel.close()  # unacked: all go back, in order
+        return messages
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    run = uuid.uuid4().hex[:10]
+    billingo, szamlazz = BillingoSandbox(seed=1), SzamlazzSandbox(seed=1)
+    settings = Settings(
+        amqp_url=AMQP_URL,
+        exchange=f"test.{run}.bookinda",
+        queue=f"test.{run}.sales",
+        dead_letter_queue=f"test.{run}.dead",
+        connections_file=str(tmp_path / "connections.toml"),
+        ledger_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+        http_port=0,
+        http_host="127.0.0.1",
+        billingo_url=await billingo.start(),
+        szamlazz_url=await szamlazz.start(),
+        retry_delays="200ms,500ms,1s",
+        retry_base_seconds=0.2,
+        provider_timeout_seconds=2.0,
+        connections_poll_seconds=0.1,
+        lease_seconds=10.0,
+        shutdown_grace_seconds=5.0,
+        prefetch=32,
+    )
+    (tmp_path / "connections.toml").write_text("", encoding="utf-8")
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    outbox = await Outbox().attach(channel, settings.exchange)
+    environment = Env(settings, billingo, szamlazz, connection, channel, outbox, tmp_path)
+    try:
+        yield environment
+    finally:
+        await environment.stop_worker()
+        await _delete_topology(connection, Names.from_settings(settings))
+        await connection.close()
+        await billingo.stop()
+        await szamlazz.stop()
+
+
+async def _delete_topology(connection: AbstractConnection, names: Names) -> None:
+    channel = await connection.channel()
+    for name in (names.queue, names.dead_letter_queue, *(n for _, n in names.delay_queues)):
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(name)
+    for name in (names.exchange, names.dead_letter_exchange):
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(name)
+    with contextlib.suppress(Exception):
+        await channel.close()

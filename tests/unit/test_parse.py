@@ -1,0 +1,99 @@
+"""Bad input gets a clear invalid_message; good input becomes a typed event."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from handlers.errors import ErrorCode, InvoicingError
+from handlers.messages import SalePaid, SaleStorno
+from handlers.parse import parse_event, peek_tenant
+from worker.samples import paid_event, storno_event
+
+
+def body(event: dict[str, object]) -> bytes:
+    return json.dumps(event).encode()
+
+
+def test_sale_paid_parses_money_as_decimal() -> None:
+    event = parse_event(body(paid_event("t", "S-1")), "sale.paid", max_bytes=10**6)
+    assert isinstance(event, SalePaid)
+    assert event.sale.items[0].unit_price == Decimal("24990")
+
+
+def test_storno_with_integer_document_id() -> None:
+    raw = storno_event("t", "S-1")
+    raw["document_id"] = 1234
+    event = parse_event(body(raw), "sale.storno", max_bytes=10**6)
+    assert isinstance(event, SaleStorno)
+    assert event.document_id == "1234"
+
+
+def test_unknown_fields_are_ignored() -> None:
+    raw = paid_event("t", "S-1")
+    raw["future_field"] = {"x": 1}
+    assert parse_event(body(raw), "sale.paid", max_bytes=10**6).tenant_id == "t"
+
+
+def _broken(mutate: str) -> tuple[bytes, str]:
+    raw = paid_event("t", "S-1")
+    sale = raw["sale"]
+    if mutate == "float-money":
+        sale["items"][0]["unit_price"] = 24990.5
+    elif mutate == "no-items":
+        del sale["items"]
+    elif mutate == "empty-items":
+        sale["items"] = []
+    elif mutate == "bad-date":
+        sale["fulfillment_date"] = "yesterday"
+    elif mutate == "generation-0":
+        sale["invoice_generation"] = 0
+    elif mutate == "wrong-type":
+        sale["invoice_generation"] = "first"
+    elif mutate == "event-type":
+        raw["event_type"] = "sale.storno"
+    return body(raw), mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        ("float-money", "decimal string"),
+        ("no-items", "sale.items"),
+        ("empty-items", "sale.items"),
+        ("bad-date", "sale.fulfillment_date"),
+        ("generation-0", "sale.invoice_generation"),
+        ("wrong-type", "sale.invoice_generation"),
+        ("event-type", "does not match routing key"),
+    ],
+)
+def test_invalid_events_name_the_field(mutate: str, expected: str) -> None:
+    raw, _ = _broken(mutate)
+    with pytest.raises(InvoicingError) as info:
+        parse_event(raw, "sale.paid", max_bytes=10**6)
+    assert info.value.code is ErrorCode.INVALID_MESSAGE
+    assert expected in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "expected"),
+    [
+        (b"{nope", "sale.paid", "not JSON"),
+        (b"\xff\xfe", "sale.paid", "not JSON"),
+        (b"[1, 2]", "sale.paid", "not a JSON object"),
+        (b"{}", "sale.deleted", "unknown routing key"),
+        (b" " * 2000, "sale.paid", "exceeds the limit"),
+    ],
+)
+def test_unparseable_bodies(raw: bytes, key: str, expected: str) -> None:
+    with pytest.raises(InvoicingError) as info:
+        parse_event(raw, key, max_bytes=1000)
+    assert expected in info.value.message
+
+
+def test_peek_tenant_is_best_effort() -> None:
+    assert peek_tenant(b'{"tenant_id": "a"}', 100) == "a"
+    assert peek_tenant(b"{nope", 100) is None
+    assert peek_tenant(b'{"tenant_id": 3}', 100) is None

@@ -1,0 +1,143 @@
+"""Wiring: settings → ledger, providers, connections, consumer, HTTP; and the run lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from handlers.errors import InvoicingError
+from handlers.messages import OutEvent
+from providers.base import Provider
+from providers.billingo.client import BillingoProvider
+from providers.szamlazz.client import SzamlazzProvider
+from worker import http, metrics
+from worker.connections import ConnectionRegistry
+from worker.consumer import Consumer
+from worker.ledger import open_ledger
+from worker.logging import register_secrets
+from worker.process import Runtime
+from worker.settings import Settings
+from worker.topology import Names
+
+log = structlog.get_logger(__name__)
+
+
+def make_providers(settings: Settings) -> dict[str, Provider]:
+    timeout = settings.provider_timeout_seconds
+    return {
+        "billingo": BillingoProvider(
+            settings.billingo_url, timeout=timeout, observer=metrics.observe_provider_request
+        ),
+        "szamlazz": SzamlazzProvider(
+            settings.szamlazz_url, timeout=timeout, observer=metrics.observe_provider_request
+        ),
+    }
+
+
+def load_registry(settings: Settings) -> ConnectionRegistry:
+    registry = ConnectionRegistry(Path(settings.connections_file))
+    registry.load()
+    register_secrets([c.secret.get_secret_value() for c in registry.tenants()])
+    return registry
+
+
+@dataclass
+class App:
+    settings: Settings
+    runtime: Runtime
+    consumer: Consumer
+    providers: Mapping[str, Provider]
+
+
+@contextlib.asynccontextmanager
+async def build(settings: Settings) -> AsyncIterator[App]:
+    registry = load_registry(settings)
+    ledger = open_ledger(settings.ledger_url)
+    await ledger.open()
+    providers = make_providers(settings)
+    try:
+        registry.restore(await ledger.load_connection_states())
+        runtime = Runtime(settings, Names.from_settings(settings), ledger, providers, registry)
+        yield App(settings, runtime, Consumer(runtime), providers)
+    finally:
+        for provider in providers.values():
+            await provider.close()
+        await ledger.close()
+
+
+async def recheck_changed(app: App, publish: bool = True) -> list[OutEvent]:
+    """The connections file changed: re-test tenants in ERROR with the provider's cheap check
+    ("Test → Save"), so they go ACTIVE without waiting for a sale to try."""
+    rt = app.runtime
+    changed = rt.connections.reload_if_changed()
+    if not changed:
+        return []
+    register_secrets([c.secret.get_secret_value() for c in changed])
+    events: list[OutEvent] = []
+    for conn in changed:
+        health = rt.connections.health(conn.tenant_id)
+        if health is None or health.status != "ERROR":
+            continue
+        error: InvoicingError | None = None
+        try:
+            await app.providers[conn.provider].check_connection(conn)
+        except InvoicingError as exc:
+            error = exc
+        change = rt.connections.mark(conn, error)
+        if change is not None:
+            await rt.ledger.save_connection_state(change[1])
+            events.append(change[0])
+    if publish:
+        for event in events:
+            await app.consumer.publish(event)
+    return events
+
+
+async def _watch_connections(app: App) -> None:
+    while True:
+        await asyncio.sleep(app.settings.connections_poll_seconds)
+        try:
+            await recheck_changed(app)
+        except Exception:
+            log.warning("connections.recheck_failed", exc_info=True)
+
+
+async def serve(app: App, *, install_signals: bool = True) -> None:
+    """Consume until SIGTERM / SIGINT (or ``app.consumer.stop()``), then drain and return."""
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, app.consumer.stop)
+    runner: web.AppRunner | None = None
+    try:
+        runner = await http.start(
+            http.make_app(lambda: app.consumer.ready),
+            app.settings.http_host,
+            app.settings.http_port,
+        )
+    except OSError as exc:
+        log.error("http.unavailable", port=app.settings.http_port, error=str(exc))
+    watcher = asyncio.create_task(_watch_connections(app))
+    try:
+        await app.consumer.run()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if runner is not None:
+            await runner.cleanup()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+async def run(settings: Settings) -> None:
+    async with build(settings) as app:
+        await serve(app)

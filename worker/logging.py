@@ -1,0 +1,62 @@
+"""structlog JSON lines on stdout, with secrets scrubbed as a last line of defence.
+
+Secrets are kept in SecretStr and never passed to a logger on purpose; the scrubber also
+replaces any registered secret value that slips into an event (an exception text from a
+library, say) before the line is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_secrets: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def register_secrets(values: list[str]) -> None:
+    """Values that must never appear in a log line (API keys, agent keys)."""
+    _secrets.update(v for v in values if len(v) >= 4)
+
+
+def _scrub_text(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in list(event.items()):
+        if isinstance(value, str):
+            event[key] = _scrub_text(value)
+        elif value is not None and not isinstance(value, int | float | bool):
+            event[key] = _scrub_text(str(value))
+    return event
+
+
+def configure(level: str = "info") -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    # Libraries that log through stdlib logging (aio-pika, aiohttp) are kept at WARNING.
+    logging.basicConfig(
+        stream=sys.stdout, level=max(numeric, logging.WARNING), format="%(message)s"
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            scrub,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=False,
+    )
