@@ -29,7 +29,7 @@ from providers.szamlazz.sandbox import SzamlazzSandbox
 from worker.app import App, build, serve
 from worker.samples import Outbox, publish_event, publish_raw
 from worker.settings import Settings
-from worker.topology import Names
+from worker.topology import Names, declare
 
 AMQP_URL = os.environ.get("INVOICING_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get(
@@ -235,7 +235,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     (tmp_path / "connections.toml").write_text("", encoding="utf-8")
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
-    await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    # As ops do before the first deploy (`invoicing-worker topology`): sales published before
+    # any worker runs must have a queue to land in.
+    await declare(connection, settings)
     outbox = await Outbox().attach(channel, settings.exchange)
     environment = Env(settings, billingo, szamlazz, connection, channel, outbox, tmp_path)
     try:

@@ -12,12 +12,12 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from handlers.errors import InvoicingError
+from handlers.errors import CONNECTION_ERRORS, InvoicingError
 from handlers.messages import OutEvent
 from providers.base import Provider
 from providers.billingo.client import BillingoProvider
 from providers.szamlazz.client import SzamlazzProvider
-from worker import http, metrics
+from worker import dlq, http, metrics
 from worker.connections import ConnectionRegistry
 from worker.consumer import Consumer
 from worker.ledger import open_ledger
@@ -94,10 +94,23 @@ async def recheck_changed(app: App, publish: bool = True) -> list[OutEvent]:
         if change is not None:
             await rt.ledger.save_connection_state(change[1])
             events.append(change[0])
+            if error is None and app.settings.auto_replay:
+                await _replay_parked(app, conn.tenant_id)
     if publish:
         for event in events:
             await app.consumer.publish(event)
     return events
+
+
+async def _replay_parked(app: App, tenant_id: str) -> None:
+    """The tenant works again: send back what was parked because its connection was broken."""
+    result = await dlq.replay(
+        app.settings,
+        dlq.ReplayFilter(tenant=tenant_id, error_codes=frozenset(map(str, CONNECTION_ERRORS))),
+    )
+    log.info(
+        "dlq.auto_replayed", tenant_id=tenant_id, replayed=result.replayed, failed=result.failed
+    )
 
 
 async def _watch_connections(app: App) -> None:

@@ -84,6 +84,14 @@ async def _connections_check(args: argparse.Namespace, settings: Settings) -> in
     return await connections_check(settings, args.tenant)
 
 
+async def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.report import build_report, render
+
+    report = await build_report(settings, args.days, args.stale_minutes)
+    print(render(report))
+    return 1 if report.connections or report.uninvoiced else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invoicing-worker",
@@ -139,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="test each connection (Test → Save): ACTIVE or ERROR")
     c.add_argument("tenant", nargs="?", default=None)
     c.set_defaults(func=_connections_check)
+
+    p = sub.add_parser(
+        "report", help="weekly / monthly checks: connections, uninvoiced sales, storno rate, DLQ"
+    )
+    p.add_argument("--days", type=int, default=7, help="the period for the storno rate")
+    p.add_argument(
+        "--stale-minutes",
+        type=int,
+        default=30,
+        help="a paid sale without an invoice for this long is listed",
+    )
+    p.set_defaults(func=_report)
 
     from worker import dlq_cli
 

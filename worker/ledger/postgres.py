@@ -10,13 +10,21 @@ from the server's clock, so replicas on different hosts never compare clocks wit
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
 from providers.base import Cancellation, IssuedInvoice
 from worker.ledger import schema
-from worker.ledger.model import AuditEntry, ConnectionState, LeaseLost, SaleKey, SaleRecord
+from worker.ledger.model import (
+    AuditEntry,
+    ConnectionState,
+    LeaseLost,
+    SaleKey,
+    SaleRecord,
+    SaleState,
+)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -45,6 +53,8 @@ _GET = _Statement(schema.GET)
 _AUDIT = _Statement(schema.AUDIT_INSERT)
 _HISTORY_ALL = _Statement(schema.HISTORY_ALL)
 _HISTORY_TENANT = _Statement(schema.HISTORY_TENANT)
+_STATE_COUNTS = _Statement(schema.STATE_COUNTS)
+_UNINVOICED = _Statement(schema.UNINVOICED)
 _LOAD_CONNECTIONS = _Statement(schema.LOAD_CONNECTIONS)
 _SAVE_CONNECTION = _Statement(schema.SAVE_CONNECTION)
 _TRANSITIONS = {
@@ -346,6 +356,16 @@ class PostgresLedger:
             stmt.sql, *stmt.args({"sale_id": sale_id, "tenant_id": tenant_id})
         )
         return [schema.audit_from_row(row) for row in rows]
+
+    async def state_counts(self, since: datetime) -> list[tuple[str, SaleState, int]]:
+        rows = await self.pool.fetch(_STATE_COUNTS.sql, *_STATE_COUNTS.args({"since": since}))
+        return [(r["tenant_id"], SaleState(r["state"]), int(r["n"])) for r in rows]
+
+    async def uninvoiced(self, older_than: datetime, limit: int = 100) -> list[SaleRecord]:
+        rows = await self.pool.fetch(
+            _UNINVOICED.sql, *_UNINVOICED.args({"older_than": older_than, "limit": limit})
+        )
+        return [schema.sale_from_row(r) for r in rows]
 
     async def load_connection_states(self) -> list[ConnectionState]:
         rows = await self.pool.fetch(_LOAD_CONNECTIONS.sql)

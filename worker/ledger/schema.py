@@ -288,6 +288,14 @@ HISTORY_TENANT = (
     f"SELECT {AUDIT_SELECT} FROM audit WHERE sale_id = :sale_id AND tenant_id = :tenant_id "
     "ORDER BY at, id"
 )
+STATE_COUNTS = (
+    "SELECT tenant_id, state, COUNT(*) AS n FROM sales WHERE created_at >= :since "
+    "GROUP BY tenant_id, state ORDER BY tenant_id, state"
+)
+UNINVOICED = (
+    f"SELECT {SALE_SELECT} FROM sales WHERE state IN ('new', 'pending', 'failed') "
+    "AND created_at < :older_than ORDER BY created_at LIMIT :limit"
+)
 LOAD_CONNECTIONS = (
     f"SELECT {', '.join(CONNECTION_COLUMNS)} FROM connection_states ORDER BY tenant_id"
 )

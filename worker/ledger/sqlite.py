@@ -29,6 +29,7 @@ from worker.ledger.model import (
     LeaseLost,
     SaleKey,
     SaleRecord,
+    SaleState,
 )
 
 T = TypeVar("T")
@@ -359,6 +360,23 @@ class SqliteLedger:
 
         def run(conn: sqlite3.Connection) -> list[AuditEntry]:
             return [schema.audit_from_row(row) for row in conn.execute(sql, params)]
+
+        return await self._run(run)
+
+    async def state_counts(self, since: datetime) -> list[tuple[str, SaleState, int]]:
+        params = {"since": schema.iso(since)}
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, SaleState, int]]:
+            rows = conn.execute(schema.STATE_COUNTS, params)
+            return [(r["tenant_id"], SaleState(r["state"]), int(r["n"])) for r in rows]
+
+        return await self._run(run)
+
+    async def uninvoiced(self, older_than: datetime, limit: int = 100) -> list[SaleRecord]:
+        params = {"older_than": schema.iso(older_than), "limit": limit}
+
+        def run(conn: sqlite3.Connection) -> list[SaleRecord]:
+            return [schema.sale_from_row(r) for r in conn.execute(schema.UNINVOICED, params)]
 
         return await self._run(run)
 
