@@ -31,6 +31,13 @@ def external_id(doc: dict[str, Any]) -> str:
     return str(doc.get("vendor_id") or doc.get("external_id"))
 
 
+def original_of(cancellation: dict[str, Any]) -> str:
+    """The invoice a Billingo cancellation or a Számlázz.hu reverse invoice undoes."""
+    if "reverses" in cancellation:
+        return str(cancellation["reverses"])
+    return str(cancellation["related_documents"][0]["id"])
+
+
 def assert_one_invoice_each(env: Env, tenants: list[str], sale_ids: set[str]) -> None:
     seen: collections.Counter[str] = collections.Counter()
     for tenant in tenants:
@@ -100,30 +107,34 @@ async def test_500_sales_survive_sigkill_storms_with_one_invoice_each(
     for sale in sales:
         await env.publish(sale)
     log = env.tmp / "workers.log"
+    sale_ids = {s["sale"]["id"] for s in sales}
 
-    kills = await _kill_storm(env, 10, log)
-    # Stornos for every tenth sale, published while the storm may still have sales pending.
+    kills = await _kill_storm(env, 8, log)  # creates in flight at random kills
+    await _run_until(
+        env, lambda o: {e["sale_id"] for e in o.of_type("invoice.issued")} >= sale_ids, log
+    )
+    # Bookinda stornos a sale once it holds its document: every tenth one, under more kills.
     for sale in sales[::10]:
         await env.publish(storno_event(sale["tenant_id"], sale["sale"]["id"]))
-    kills += await _kill_storm(env, 2, log)
-
-    sale_ids = {s["sale"]["id"] for s in sales}
+    kills += await _kill_storm(env, 4, log)  # cancels in flight at random kills
     await _run_until(
-        env,
-        lambda o: (
-            {e["sale_id"] for e in o.of_type("invoice.issued")} >= sale_ids
-            and {e["sale_id"] for e in o.of_type("invoice.cancelled")} >= stornoed
-        ),
-        log,
-        timeout=180,
+        env, lambda o: {e["sale_id"] for e in o.of_type("invoice.cancelled")} >= stornoed, log
     )
 
     assert kills >= 10
+    if faults:  # the faults really fired: answers were lost after the provider committed
+        lost = [
+            r
+            for sb in (env.billingo, env.szamlazz)
+            for r in sb.plan.requests
+            if r.status in (502, -1)
+        ]
+        assert len(lost) >= 10
     assert_one_invoice_each(env, all_tenants, sale_ids)
     cancelled: collections.Counter[str] = collections.Counter()
     for tenant in all_tenants:
         for doc in env.cancellations(tenant):
-            cancelled[str(doc.get("cancels") or doc.get("reverses") or external_id(doc))] += 1
+            cancelled[original_of(doc)] += 1
     assert sum(cancelled.values()) == len(stornoed), cancelled
     assert all(n == 1 for n in cancelled.values())
     assert await env.queue_depth(env.settings.queue) == 0  # every message acked
