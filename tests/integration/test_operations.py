@@ -106,3 +106,27 @@ async def test_report_shows_storno_rate_and_dead_letters(env: Env) -> None:
     assert "report" in text
     assert "cancelled     1   25.0%  ⚠ check why" in text
     assert "unknown_tenant" in text
+
+
+async def test_history_prints_the_audit_trail(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant = env.add_tenant("history", "szamlazz").tenant_id
+    await env.start_worker()
+    await env.publish(paid_event(tenant, "S-H"))
+    await env.outbox.wait_for(lambda o: len(o.of_type("invoice.issued")) == 1)
+    await env.publish(storno_event(tenant, "S-H"))
+    await env.outbox.wait_for(lambda o: len(o.of_type("invoice.cancelled")) == 1)
+    await env.stop_worker()
+    monkeypatch.setenv("INVOICING_LEDGER_URL", env.settings.ledger_url)
+
+    from worker.cli import build_parser
+
+    args = build_parser().parse_args(["history", "S-H", "--tenant", tenant])
+    assert await args.func(args, env.settings) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "S-H" in line or "BELLA" in line]
+    assert lines
+    for operation in ("issue.requested", "issue.succeeded", "cancel.requested", "cancel.succeeded"):
+        assert operation in out
+    assert out.index("issue.succeeded") < out.index("cancel.succeeded")
