@@ -72,13 +72,11 @@ async def build(settings: Settings) -> AsyncIterator[App]:
         await ledger.close()
 
 
-async def recheck_changed(app: App, publish: bool = True) -> list[OutEvent]:
+async def recheck_changed(app: App) -> list[OutEvent]:
     """The connections file changed: re-test tenants in ERROR with the provider's cheap check
     ("Test → Save"), so they go ACTIVE without waiting for a sale to try."""
     rt = app.runtime
     changed = rt.connections.reload_if_changed()
-    if not changed:
-        return []
     register_secrets([c.secret.get_secret_value() for c in changed])
     events: list[OutEvent] = []
     for conn in changed:
@@ -91,14 +89,14 @@ async def recheck_changed(app: App, publish: bool = True) -> list[OutEvent]:
         except InvoicingError as exc:
             error = exc
         change = rt.connections.mark(conn, error)
-        if change is not None:
-            await rt.ledger.save_connection_state(change[1])
-            events.append(change[0])
-            if error is None and app.settings.auto_replay:
-                await _replay_parked(app, conn.tenant_id)
-    if publish:
-        for event in events:
-            await app.consumer.publish(event)
+        if change is None:
+            continue
+        await rt.ledger.save_connection_state(change[1])
+        # Announced before any replay, so Bookinda hears ACTIVE before the replayed invoices.
+        await app.consumer.publish(change[0])
+        events.append(change[0])
+        if error is None and app.settings.auto_replay:
+            await _replay_parked(app, conn.tenant_id)
     return events
 
 
