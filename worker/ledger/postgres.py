@@ -9,22 +9,15 @@ from the server's clock, so replicas on different hosts never compare clocks wit
 
 from __future__ import annotations
 
+import functools
 import re
-from datetime import datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from providers.base import Cancellation, IssuedInvoice
 from worker.ledger import schema
-from worker.ledger.model import (
-    AuditEntry,
-    ConnectionState,
-    LeaseLost,
-    SaleKey,
-    SaleRecord,
-    SaleState,
-)
+from worker.ledger.base import TransitionLedger
+from worker.ledger.model import SaleKey, SaleRecord
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -45,34 +38,20 @@ class _Statement:
         return [params[name] for name in self.names]
 
 
-_ACQUIRE = _Statement(
-    schema.ACQUIRE.replace(":until", "now() + make_interval(secs => :lease_seconds)")
-)
-_RELEASE = _Statement(schema.RELEASE)
-_GET = _Statement(schema.GET)
-_AUDIT = _Statement(schema.AUDIT_INSERT)
-_HISTORY_ALL = _Statement(schema.HISTORY_ALL)
-_HISTORY_TENANT = _Statement(schema.HISTORY_TENANT)
-_STATE_COUNTS = _Statement(schema.STATE_COUNTS)
-_UNINVOICED = _Statement(schema.UNINVOICED)
-_LOAD_CONNECTIONS = _Statement(schema.LOAD_CONNECTIONS)
-_SAVE_CONNECTION = _Statement(schema.SAVE_CONNECTION)
-_TRANSITIONS = {
-    t: _Statement.transition(t)
-    for t in (
-        schema.START_ISSUE,
-        schema.ISSUE_FAILED,
-        schema.RECORD_ISSUED,
-        schema.START_CANCEL,
-        schema.CANCEL_FAILED,
-        schema.RECORD_CANCELLED,
-        schema.RECORD_VOIDED,
-        schema.RECORD_FAILED,
-    )
-}
+_ACQUIRE = schema.ACQUIRE.replace(":until", "now() + make_interval(secs => :lease_seconds)")
 
 
-class PostgresLedger:
+@functools.cache
+def _prepared(sql: str) -> _Statement:
+    return _Statement(sql)
+
+
+@functools.cache
+def _prepared_transition(t: schema.Transition) -> _Statement:
+    return _Statement.transition(t)
+
+
+class PostgresLedger(TransitionLedger):
     def __init__(
         self,
         url: str,
@@ -100,7 +79,23 @@ class PostgresLedger:
             raise RuntimeError("ledger is not open")
         return self._pool
 
-    async def _fetchrow(self, stmt: _Statement, params: dict[str, Any]) -> Any:
+    async def _execute(self, sql: str, params: dict[str, Any]) -> None:
+        stmt = _prepared(sql)
+        await self.pool.execute(stmt.sql, *stmt.args(params))
+
+    async def _fetch_one(self, sql: str, params: dict[str, Any]) -> Any:
+        stmt = _prepared(sql)
+        return await self.pool.fetchrow(stmt.sql, *stmt.args(params))
+
+    async def _fetch_all(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        stmt = _prepared(sql)
+        rows: list[Any] = await self.pool.fetch(stmt.sql, *stmt.args(params))
+        return rows
+
+    async def _transition_row(self, t: schema.Transition, params: dict[str, Any]) -> Any:
+        # One statement: the UPDATE checks the lease and the audit INSERT rides in the same
+        # CTE, so both commit together (or neither does); no row means the lease is not held.
+        stmt = _prepared_transition(t)
         return await self.pool.fetchrow(stmt.sql, *stmt.args(params))
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,228 +144,9 @@ class PostgresLedger:
         if pool is not None:
             await pool.close()
 
-    async def schema_version(self) -> int:
-        return int(await self.pool.fetchval("SELECT max(version) FROM schema_version") or 0)
-
     # ------------------------------------------------------------------ leases
 
     async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
         params = {**schema.key_params(key), "owner": owner, "lease_seconds": float(lease_seconds)}
-        row = await self._fetchrow(_ACQUIRE, params)
+        row = await self._fetch_one(_ACQUIRE, params)
         return schema.sale_from_row(row) if row is not None else None
-
-    async def release(self, key: SaleKey, owner: str) -> None:
-        params = {**schema.key_params(key), "owner": owner}
-        await self.pool.execute(_RELEASE.sql, *_RELEASE.args(params))
-
-    # ------------------------------------------------------------------ transitions
-
-    async def _transition(
-        self,
-        t: schema.Transition,
-        key: SaleKey,
-        owner: str,
-        values: dict[str, Any],
-        audit: dict[str, Any],
-    ) -> SaleRecord:
-        params = {**values, **audit, **schema.key_params(key), "owner": owner}
-        row = await self._fetchrow(_TRANSITIONS[t], params)
-        if row is None:
-            raise LeaseLost(f"{key.external_key} is not leased by {owner}")
-        return schema.sale_from_row(row)
-
-    async def start_issue(
-        self, key: SaleKey, owner: str, provider: str, event_id: str
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.START_ISSUE,
-            key,
-            owner,
-            {"provider": provider},
-            schema.audit_params("issue.requested", "started", event_id=event_id),
-        )
-
-    async def issue_failed(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        error_code: str,
-        message: str,
-        in_doubt: bool,
-    ) -> None:
-        await self._transition(
-            schema.ISSUE_FAILED,
-            key,
-            owner,
-            {"error_code": error_code, "in_doubt": in_doubt},
-            schema.audit_params(
-                "issue.failed",
-                "in_doubt" if in_doubt else "failed",
-                event_id=event_id,
-                error_code=error_code,
-                detail=message,
-            ),
-        )
-
-    async def record_issued(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        provider: str,
-        invoice: IssuedInvoice,
-        found: bool,
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.RECORD_ISSUED,
-            key,
-            owner,
-            schema.issued_values(provider, invoice),
-            schema.audit_params(
-                "issue.found" if found else "issue.succeeded",
-                "issued",
-                event_id=event_id,
-                detail=invoice.invoice_number,
-            ),
-        )
-
-    async def start_cancel(self, key: SaleKey, owner: str, event_id: str) -> SaleRecord:
-        return await self._transition(
-            schema.START_CANCEL,
-            key,
-            owner,
-            {},
-            schema.audit_params("cancel.requested", "started", event_id=event_id),
-        )
-
-    async def cancel_failed(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        error_code: str,
-        message: str,
-        in_doubt: bool,
-    ) -> None:
-        await self._transition(
-            schema.CANCEL_FAILED,
-            key,
-            owner,
-            {"error_code": error_code, "in_doubt": in_doubt},
-            schema.audit_params(
-                "cancel.failed",
-                "in_doubt" if in_doubt else "failed",
-                event_id=event_id,
-                error_code=error_code,
-                detail=message,
-            ),
-        )
-
-    async def record_cancelled(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        cancellation: Cancellation,
-        found: bool,
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.RECORD_CANCELLED,
-            key,
-            owner,
-            schema.cancelled_values(cancellation),
-            schema.audit_params(
-                "cancel.found" if found else "cancel.succeeded",
-                "cancelled",
-                event_id=event_id,
-                document_id=cancellation.document_id,
-                detail=f"{cancellation.kind} {cancellation.invoice_number}",
-            ),
-        )
-
-    async def record_voided(
-        self, key: SaleKey, owner: str, event_id: str, reason: str
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.RECORD_VOIDED,
-            key,
-            owner,
-            {},
-            schema.audit_params("voided", "voided", event_id=event_id, detail=reason),
-        )
-
-    async def record_failed(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        error_code: str,
-        message: str,
-    ) -> None:
-        await self._transition(
-            schema.RECORD_FAILED,
-            key,
-            owner,
-            {"error_code": error_code},
-            schema.audit_params(
-                "dead_lettered", "failed", event_id=event_id, error_code=error_code, detail=message
-            ),
-        )
-
-    # ------------------------------------------------------------------ reads and the rest
-
-    async def audit(
-        self,
-        key: SaleKey,
-        operation: str,
-        outcome: str,
-        *,
-        event_id: str | None = None,
-        error_code: str | None = None,
-        provider: str | None = None,
-        document_id: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        params = {
-            **schema.key_params(key),
-            **schema.audit_params(
-                operation,
-                outcome,
-                event_id=event_id,
-                error_code=error_code,
-                provider=provider,
-                document_id=document_id,
-                detail=detail,
-            ),
-        }
-        await self.pool.execute(_AUDIT.sql, *_AUDIT.args(params))
-
-    async def get(self, key: SaleKey) -> SaleRecord | None:
-        row = await self._fetchrow(_GET, schema.key_params(key))
-        return schema.sale_from_row(row) if row is not None else None
-
-    async def history(self, sale_id: str, tenant_id: str | None = None) -> list[AuditEntry]:
-        stmt = _HISTORY_ALL if tenant_id is None else _HISTORY_TENANT
-        rows = await self.pool.fetch(
-            stmt.sql, *stmt.args({"sale_id": sale_id, "tenant_id": tenant_id})
-        )
-        return [schema.audit_from_row(row) for row in rows]
-
-    async def state_counts(self, since: datetime) -> list[tuple[str, SaleState, int]]:
-        rows = await self.pool.fetch(_STATE_COUNTS.sql, *_STATE_COUNTS.args({"since": since}))
-        return [(r["tenant_id"], SaleState(r["state"]), int(r["n"])) for r in rows]
-
-    async def uninvoiced(self, older_than: datetime, limit: int = 100) -> list[SaleRecord]:
-        rows = await self.pool.fetch(
-            _UNINVOICED.sql, *_UNINVOICED.args({"older_than": older_than, "limit": limit})
-        )
-        return [schema.sale_from_row(r) for r in rows]
-
-    async def load_connection_states(self) -> list[ConnectionState]:
-        rows = await self.pool.fetch(_LOAD_CONNECTIONS.sql)
-        return [schema.connection_from_row(row) for row in rows]
-
-    async def save_connection_state(self, state: ConnectionState) -> None:
-        params = schema.connection_params(state)
-        await self.pool.execute(_SAVE_CONNECTION.sql, *_SAVE_CONNECTION.args(params))

@@ -21,23 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from providers.base import Cancellation, IssuedInvoice
 from worker.ledger import schema
-from worker.ledger.model import (
-    AuditEntry,
-    ConnectionState,
-    LeaseLost,
-    SaleKey,
-    SaleRecord,
-    SaleState,
-)
+from worker.ledger.base import TransitionLedger
+from worker.ledger.model import SaleKey, SaleRecord
 
 T = TypeVar("T")
 
 _BUSY_TIMEOUT_MS = 30_000
 
 
-class SqliteLedger:
+class SqliteLedger(TransitionLedger):
     def __init__(self, path: str) -> None:
         #: A file path, or ":memory:" (tests; gone when the ledger closes).
         self.path = path
@@ -68,6 +61,45 @@ class SqliteLedger:
     @staticmethod
     def _now() -> datetime:
         return datetime.now(UTC)
+
+    def _bind(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Times as fixed-width ISO text (compared as strings) and ``:now`` from this clock."""
+        bound = {k: schema.iso(v) if isinstance(v, datetime) else v for k, v in params.items()}
+        bound["now"] = schema.iso(self._now())
+        return bound
+
+    async def _execute(self, sql: str, params: dict[str, Any]) -> None:
+        bound = self._bind(params)
+        await self._write(lambda conn: conn.execute(sql, bound))
+
+    async def _fetch_one(self, sql: str, params: dict[str, Any]) -> sqlite3.Row | None:
+        bound = self._bind(params)
+        row: sqlite3.Row | None = await self._run(lambda conn: conn.execute(sql, bound).fetchone())
+        return row
+
+    async def _fetch_all(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        bound = self._bind(params)
+        return await self._run(lambda conn: conn.execute(sql, bound).fetchall())
+
+    async def _transition_row(
+        self, t: schema.Transition, params: dict[str, Any]
+    ) -> sqlite3.Row | None:
+        # The lease-checked UPDATE and the audit INSERT share one BEGIN IMMEDIATE transaction.
+        bound = self._bind(params)
+        update = schema.transition_update_sqlite(t)
+
+        def run(conn: sqlite3.Connection) -> sqlite3.Row | None:
+            row: sqlite3.Row | None = conn.execute(update, bound).fetchone()
+            if row is None:
+                return None  # not leased: the UPDATE matched nothing, so there is no audit
+            if bound["a_provider"] is None:
+                bound["a_provider"] = row["provider"]
+            if bound["a_document_id"] is None:
+                bound["a_document_id"] = row["document_id"]
+            conn.execute(schema.AUDIT_INSERT, bound)
+            return row
+
+        return await self._write(run)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -117,13 +149,6 @@ class SqliteLedger:
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         executor.shutdown(wait=True)
 
-    async def schema_version(self) -> int:
-        def read(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            return int(row[0] or 0)
-
-        return await self._run(read)
-
     # ------------------------------------------------------------------ leases
 
     async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
@@ -140,255 +165,3 @@ class SqliteLedger:
             return schema.sale_from_row(row) if row is not None else None
 
         return await self._write(run)
-
-    async def release(self, key: SaleKey, owner: str) -> None:
-        params = {**schema.key_params(key), "owner": owner}
-        await self._write(lambda conn: conn.execute(schema.RELEASE, params))
-
-    # ------------------------------------------------------------------ transitions
-
-    async def _transition(
-        self,
-        t: schema.Transition,
-        key: SaleKey,
-        owner: str,
-        values: dict[str, Any],
-        audit: dict[str, Any],
-    ) -> SaleRecord:
-        params = {
-            **values,
-            **audit,
-            **schema.key_params(key),
-            "owner": owner,
-            "now": schema.iso(self._now()),
-        }
-        update = schema.transition_update_sqlite(t)
-
-        def run(conn: sqlite3.Connection) -> SaleRecord:
-            row = conn.execute(update, params).fetchone()
-            if row is None:
-                raise LeaseLost(f"{key.external_key} is not leased by {owner}")
-            if params["a_provider"] is None:
-                params["a_provider"] = row["provider"]
-            if params["a_document_id"] is None:
-                params["a_document_id"] = row["document_id"]
-            conn.execute(schema.AUDIT_INSERT, params)
-            return schema.sale_from_row(row)
-
-        return await self._write(run)
-
-    async def start_issue(
-        self, key: SaleKey, owner: str, provider: str, event_id: str
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.START_ISSUE,
-            key,
-            owner,
-            {"provider": provider},
-            schema.audit_params("issue.requested", "started", event_id=event_id),
-        )
-
-    async def issue_failed(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        error_code: str,
-        message: str,
-        in_doubt: bool,
-    ) -> None:
-        await self._transition(
-            schema.ISSUE_FAILED,
-            key,
-            owner,
-            {"error_code": error_code, "in_doubt": in_doubt},
-            schema.audit_params(
-                "issue.failed",
-                "in_doubt" if in_doubt else "failed",
-                event_id=event_id,
-                error_code=error_code,
-                detail=message,
-            ),
-        )
-
-    async def record_issued(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        provider: str,
-        invoice: IssuedInvoice,
-        found: bool,
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.RECORD_ISSUED,
-            key,
-            owner,
-            schema.issued_values(provider, invoice),
-            schema.audit_params(
-                "issue.found" if found else "issue.succeeded",
-                "issued",
-                event_id=event_id,
-                detail=invoice.invoice_number,
-            ),
-        )
-
-    async def start_cancel(self, key: SaleKey, owner: str, event_id: str) -> SaleRecord:
-        return await self._transition(
-            schema.START_CANCEL,
-            key,
-            owner,
-            {},
-            schema.audit_params("cancel.requested", "started", event_id=event_id),
-        )
-
-    async def cancel_failed(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        error_code: str,
-        message: str,
-        in_doubt: bool,
-    ) -> None:
-        await self._transition(
-            schema.CANCEL_FAILED,
-            key,
-            owner,
-            {"error_code": error_code, "in_doubt": in_doubt},
-            schema.audit_params(
-                "cancel.failed",
-                "in_doubt" if in_doubt else "failed",
-                event_id=event_id,
-                error_code=error_code,
-                detail=message,
-            ),
-        )
-
-    async def record_cancelled(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        cancellation: Cancellation,
-        found: bool,
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.RECORD_CANCELLED,
-            key,
-            owner,
-            schema.cancelled_values(cancellation),
-            schema.audit_params(
-                "cancel.found" if found else "cancel.succeeded",
-                "cancelled",
-                event_id=event_id,
-                document_id=cancellation.document_id,
-                detail=f"{cancellation.kind} {cancellation.invoice_number}",
-            ),
-        )
-
-    async def record_voided(
-        self, key: SaleKey, owner: str, event_id: str, reason: str
-    ) -> SaleRecord:
-        return await self._transition(
-            schema.RECORD_VOIDED,
-            key,
-            owner,
-            {},
-            schema.audit_params("voided", "voided", event_id=event_id, detail=reason),
-        )
-
-    async def record_failed(
-        self,
-        key: SaleKey,
-        owner: str,
-        event_id: str,
-        error_code: str,
-        message: str,
-    ) -> None:
-        await self._transition(
-            schema.RECORD_FAILED,
-            key,
-            owner,
-            {"error_code": error_code},
-            schema.audit_params(
-                "dead_lettered", "failed", event_id=event_id, error_code=error_code, detail=message
-            ),
-        )
-
-    # ------------------------------------------------------------------ reads and the rest
-
-    async def audit(
-        self,
-        key: SaleKey,
-        operation: str,
-        outcome: str,
-        *,
-        event_id: str | None = None,
-        error_code: str | None = None,
-        provider: str | None = None,
-        document_id: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        params = {
-            **schema.key_params(key),
-            **schema.audit_params(
-                operation,
-                outcome,
-                event_id=event_id,
-                error_code=error_code,
-                provider=provider,
-                document_id=document_id,
-                detail=detail,
-            ),
-            "now": schema.iso(self._now()),
-        }
-        await self._write(lambda conn: conn.execute(schema.AUDIT_INSERT, params))
-
-    async def get(self, key: SaleKey) -> SaleRecord | None:
-        params = schema.key_params(key)
-
-        def run(conn: sqlite3.Connection) -> SaleRecord | None:
-            row = conn.execute(schema.GET, params).fetchone()
-            return schema.sale_from_row(row) if row is not None else None
-
-        return await self._run(run)
-
-    async def history(self, sale_id: str, tenant_id: str | None = None) -> list[AuditEntry]:
-        sql = schema.HISTORY_ALL if tenant_id is None else schema.HISTORY_TENANT
-        params = {"sale_id": sale_id, "tenant_id": tenant_id}
-
-        def run(conn: sqlite3.Connection) -> list[AuditEntry]:
-            return [schema.audit_from_row(row) for row in conn.execute(sql, params)]
-
-        return await self._run(run)
-
-    async def state_counts(self, since: datetime) -> list[tuple[str, SaleState, int]]:
-        params = {"since": schema.iso(since)}
-
-        def run(conn: sqlite3.Connection) -> list[tuple[str, SaleState, int]]:
-            rows = conn.execute(schema.STATE_COUNTS, params)
-            return [(r["tenant_id"], SaleState(r["state"]), int(r["n"])) for r in rows]
-
-        return await self._run(run)
-
-    async def uninvoiced(self, older_than: datetime, limit: int = 100) -> list[SaleRecord]:
-        params = {"older_than": schema.iso(older_than), "limit": limit}
-
-        def run(conn: sqlite3.Connection) -> list[SaleRecord]:
-            return [schema.sale_from_row(r) for r in conn.execute(schema.UNINVOICED, params)]
-
-        return await self._run(run)
-
-    async def load_connection_states(self) -> list[ConnectionState]:
-        def run(conn: sqlite3.Connection) -> list[ConnectionState]:
-            return [
-                schema.connection_from_row(row) for row in conn.execute(schema.LOAD_CONNECTIONS)
-            ]
-
-        return await self._run(run)
-
-    async def save_connection_state(self, state: ConnectionState) -> None:
-        params = schema.connection_params(state)
-        params["updated_at"] = schema.iso(params["updated_at"])
-        await self._write(lambda conn: conn.execute(schema.SAVE_CONNECTION, params))

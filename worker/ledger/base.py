@@ -1,0 +1,299 @@
+"""What both ledger backends share: every Protocol method that does not depend on the store.
+
+:class:`TransitionLedger` writes the state changes and readers once, in terms of the
+statements in :mod:`worker.ledger.schema` (``:name`` parameters) and a few I/O primitives.
+A backend implements only those primitives (connections, dialect rendering, parameter
+binding) plus ``open`` / ``close`` / ``acquire``; see :mod:`worker.ledger.sqlite` and
+:mod:`worker.ledger.postgres`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from providers.base import Cancellation, IssuedInvoice
+from worker.ledger import schema
+from worker.ledger.model import (
+    AuditEntry,
+    ConnectionState,
+    LeaseLost,
+    Ledger,
+    SaleKey,
+    SaleRecord,
+    SaleState,
+)
+
+
+class TransitionLedger(Ledger):
+    # ------------------------------------------------------------------ per backend
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def acquire(
+        self, key: SaleKey, owner: str, lease_seconds: float
+    ) -> SaleRecord | None: ...
+
+    # ------------------------------------------------------------------ I/O primitives
+
+    @abstractmethod
+    async def _transition_row(
+        self, t: schema.Transition, params: dict[str, Any]
+    ) -> schema.Row | None:
+        """Apply ``t`` and append its audit entry atomically, returning after the commit.
+
+        The UPDATE must check the lease (``params["owner"]``, unexpired) in the same
+        statement / transaction that changes the row, and the audit entry must commit together
+        with it or not at all. Returns the updated row, or None, with nothing changed, when the
+        owner does not hold the lease.
+        """
+
+    @abstractmethod
+    async def _execute(self, sql: str, params: dict[str, Any]) -> None:
+        """Run one ``:name`` write statement; returns after its commit."""
+
+    @abstractmethod
+    async def _fetch_one(self, sql: str, params: dict[str, Any]) -> schema.Row | None:
+        """The first row of a ``:name`` query, or None."""
+
+    @abstractmethod
+    async def _fetch_all(self, sql: str, params: dict[str, Any]) -> Sequence[schema.Row]:
+        """All rows of a ``:name`` query."""
+
+    # ------------------------------------------------------------------ schema
+
+    async def schema_version(self) -> int:
+        row = await self._fetch_one("SELECT max(version) AS version FROM schema_version", {})
+        return int((row["version"] if row is not None else None) or 0)
+
+    # ------------------------------------------------------------------ leases
+
+    async def release(self, key: SaleKey, owner: str) -> None:
+        await self._execute(schema.RELEASE, {**schema.key_params(key), "owner": owner})
+
+    # ------------------------------------------------------------------ transitions
+
+    async def _transition(
+        self,
+        t: schema.Transition,
+        key: SaleKey,
+        owner: str,
+        values: dict[str, Any],
+        audit: dict[str, Any],
+    ) -> SaleRecord:
+        params = {**values, **audit, **schema.key_params(key), "owner": owner}
+        row = await self._transition_row(t, params)
+        if row is None:
+            raise LeaseLost(f"{key.external_key} is not leased by {owner}")
+        return schema.sale_from_row(row)
+
+    async def _attempt_failed(
+        self,
+        t: schema.Transition,
+        operation: str,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
+        in_doubt: bool,
+    ) -> None:
+        await self._transition(
+            t,
+            key,
+            owner,
+            {"error_code": error_code, "in_doubt": in_doubt},
+            schema.audit_params(
+                operation,
+                "in_doubt" if in_doubt else "failed",
+                event_id=event_id,
+                error_code=error_code,
+                detail=message,
+            ),
+        )
+
+    async def start_issue(
+        self, key: SaleKey, owner: str, provider: str, event_id: str
+    ) -> SaleRecord:
+        return await self._transition(
+            schema.START_ISSUE,
+            key,
+            owner,
+            {"provider": provider},
+            schema.audit_params("issue.requested", "started", event_id=event_id),
+        )
+
+    async def issue_failed(
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
+        in_doubt: bool,
+    ) -> None:
+        await self._attempt_failed(
+            schema.ISSUE_FAILED, "issue.failed", key, owner, event_id, error_code, message, in_doubt
+        )
+
+    async def record_issued(
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        provider: str,
+        invoice: IssuedInvoice,
+        found: bool,
+    ) -> SaleRecord:
+        return await self._transition(
+            schema.RECORD_ISSUED,
+            key,
+            owner,
+            schema.issued_values(provider, invoice),
+            schema.audit_params(
+                "issue.found" if found else "issue.succeeded",
+                "issued",
+                event_id=event_id,
+                detail=invoice.invoice_number,
+            ),
+        )
+
+    async def start_cancel(self, key: SaleKey, owner: str, event_id: str) -> SaleRecord:
+        return await self._transition(
+            schema.START_CANCEL,
+            key,
+            owner,
+            {},
+            schema.audit_params("cancel.requested", "started", event_id=event_id),
+        )
+
+    async def cancel_failed(
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
+        in_doubt: bool,
+    ) -> None:
+        await self._attempt_failed(
+            schema.CANCEL_FAILED,
+            "cancel.failed",
+            key,
+            owner,
+            event_id,
+            error_code,
+            message,
+            in_doubt,
+        )
+
+    async def record_cancelled(
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        cancellation: Cancellation,
+        found: bool,
+    ) -> SaleRecord:
+        return await self._transition(
+            schema.RECORD_CANCELLED,
+            key,
+            owner,
+            schema.cancelled_values(cancellation),
+            schema.audit_params(
+                "cancel.found" if found else "cancel.succeeded",
+                "cancelled",
+                event_id=event_id,
+                document_id=cancellation.document_id,
+                detail=f"{cancellation.kind} {cancellation.invoice_number}",
+            ),
+        )
+
+    async def record_voided(
+        self, key: SaleKey, owner: str, event_id: str, reason: str
+    ) -> SaleRecord:
+        return await self._transition(
+            schema.RECORD_VOIDED,
+            key,
+            owner,
+            {},
+            schema.audit_params("voided", "voided", event_id=event_id, detail=reason),
+        )
+
+    async def record_failed(
+        self,
+        key: SaleKey,
+        owner: str,
+        event_id: str,
+        error_code: str,
+        message: str,
+    ) -> None:
+        await self._transition(
+            schema.RECORD_FAILED,
+            key,
+            owner,
+            {"error_code": error_code},
+            schema.audit_params(
+                "dead_lettered", "failed", event_id=event_id, error_code=error_code, detail=message
+            ),
+        )
+
+    # ------------------------------------------------------------------ reads and the rest
+
+    async def audit(
+        self,
+        key: SaleKey,
+        operation: str,
+        outcome: str,
+        *,
+        event_id: str | None = None,
+        error_code: str | None = None,
+        provider: str | None = None,
+        document_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        params = {
+            **schema.key_params(key),
+            **schema.audit_params(
+                operation,
+                outcome,
+                event_id=event_id,
+                error_code=error_code,
+                provider=provider,
+                document_id=document_id,
+                detail=detail,
+            ),
+        }
+        await self._execute(schema.AUDIT_INSERT, params)
+
+    async def get(self, key: SaleKey) -> SaleRecord | None:
+        row = await self._fetch_one(schema.GET, schema.key_params(key))
+        return schema.sale_from_row(row) if row is not None else None
+
+    async def history(self, sale_id: str, tenant_id: str | None = None) -> list[AuditEntry]:
+        sql = schema.HISTORY_ALL if tenant_id is None else schema.HISTORY_TENANT
+        rows = await self._fetch_all(sql, {"sale_id": sale_id, "tenant_id": tenant_id})
+        return [schema.audit_from_row(row) for row in rows]
+
+    async def state_counts(self, since: datetime) -> list[tuple[str, SaleState, int]]:
+        rows = await self._fetch_all(schema.STATE_COUNTS, {"since": since})
+        return [(r["tenant_id"], SaleState(r["state"]), int(r["n"])) for r in rows]
+
+    async def uninvoiced(self, older_than: datetime, limit: int = 100) -> list[SaleRecord]:
+        params = {"older_than": older_than, "limit": limit}
+        rows = await self._fetch_all(schema.UNINVOICED, params)
+        return [schema.sale_from_row(r) for r in rows]
+
+    async def load_connection_states(self) -> list[ConnectionState]:
+        rows = await self._fetch_all(schema.LOAD_CONNECTIONS, {})
+        return [schema.connection_from_row(row) for row in rows]
+
+    async def save_connection_state(self, state: ConnectionState) -> None:
+        await self._execute(schema.SAVE_CONNECTION, schema.connection_params(state))
