@@ -30,8 +30,21 @@ class Handled:
     provider_ok: bool = False
 
 
-class SaleBusy(Exception):
-    """Another worker holds the sale right now; try again shortly (not a failure)."""
+class Deferred(Exception):
+    """Not now, and not a failure: handle the message again in ``delay`` seconds or later."""
+
+    def __init__(self, reason: str, delay: float = 0.0) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class SaleBusy(Deferred):
+    """Another worker holds the sale right now."""
+
+
+class Throttled(Deferred):
+    """The tenant's provider key is at its rate limit: waiting here would hold a prefetch slot
+    that other tenants' sales need, so the message waits in a delay queue instead."""
 
 
 class Connections(Protocol):
@@ -53,6 +66,8 @@ class Context:
     #: Unique per delivery: the lease owner.
     owner: str
     today: Callable[[], date]
+    #: A sale may wait this long in-process for its key's rate limit; longer, it is deferred.
+    max_throttle_wait: float = 2.0
 
     def connection(self, tenant_id: str) -> TenantConnection:
         conn = self.connections.get(tenant_id)
@@ -66,7 +81,11 @@ class Context:
         breaker = self.connections.breaker_error(conn)
         if breaker is not None:
             raise breaker
-        return self.providers[conn.provider]
+        provider = self.providers[conn.provider]
+        backlog = provider.backlog_seconds(conn)
+        if backlog > self.max_throttle_wait:
+            raise Throttled(f"{conn.provider} key of {conn.tenant_id} is paced", delay=backlog)
+        return provider
 
     @asynccontextmanager
     async def lease(self, key: SaleKey) -> AsyncIterator[SaleRecord]:

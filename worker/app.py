@@ -33,10 +33,16 @@ def make_providers(settings: Settings) -> dict[str, Provider]:
     timeout = settings.provider_timeout_seconds
     return {
         "billingo": BillingoProvider(
-            settings.billingo_url, timeout=timeout, observer=metrics.observe_provider_request
+            settings.billingo_url,
+            timeout=timeout,
+            observer=metrics.observe_provider_request,
+            requests_per_minute=settings.billingo_requests_per_minute,
         ),
         "szamlazz": SzamlazzProvider(
-            settings.szamlazz_url, timeout=timeout, observer=metrics.observe_provider_request
+            settings.szamlazz_url,
+            timeout=timeout,
+            observer=metrics.observe_provider_request,
+            requests_per_minute=settings.szamlazz_requests_per_minute,
         ),
     }
 

@@ -21,8 +21,8 @@ from zoneinfo import ZoneInfo
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from handlers.classify import DeadLetter, Retry, RetryPolicy, classify
-from handlers.context import Context, Handled, SaleBusy
+from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify
+from handlers.context import Context, Deferred, Handled, SaleBusy
 from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import ErrorInfo, InvoiceFailed, OutEvent, SalePaid, SaleStorno
 from handlers.parse import parse_event, peek_tenant
@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 H_RETRY_COUNT = "x-retry-count"
 H_FIRST_FAILED = "x-first-failed-at"
 H_ORIGINAL_RK = "x-original-routing-key"
+H_DEFER_COUNT = "x-defer-count"
 MAX_HEADER_TEXT = 2000
 _BUDAPEST = ZoneInfo("Europe/Budapest")
 
@@ -77,6 +78,7 @@ class Runtime:
             max_provider_attempts=self.settings.max_provider_attempts,
             owner=f"{self.instance_id}:{uuid.uuid4().hex[:12]}",
             today=budapest_today,
+            max_throttle_wait=self.settings.throttle_max_wait_seconds,
         )
 
 
@@ -94,10 +96,7 @@ class Delivery:
         headers = message.headers or {}
         # After a delay queue the routing key is the work queue's; our header keeps the real one.
         routing_key = _text(headers.get(H_ORIGINAL_RK)) or message.routing_key or ""
-        try:
-            attempt = int(str(headers.get(H_RETRY_COUNT, 0))) + 1
-        except (TypeError, ValueError):
-            attempt = 1
+        attempt = _int(headers.get(H_RETRY_COUNT)) + 1
         first = _text(headers.get(H_FIRST_FAILED))
         try:
             first_failed_at = datetime.fromisoformat(first) if first else None
@@ -132,8 +131,10 @@ async def process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publ
         handled = await (
             handle_paid(event, ctx) if isinstance(event, SalePaid) else handle_storno(event, ctx)
         )
-    except (SaleBusy, LeaseLost) as exc:
-        await _defer(delivery, rt, publisher, str(exc))
+    except Deferred as exc:
+        await _defer(delivery, rt, publisher, exc)
+    except LeaseLost as exc:
+        await _defer(delivery, rt, publisher, SaleBusy(str(exc)))
     except InvoicingError as exc:
         await _failed(delivery, event, exc, rt, publisher)
     except Exception as exc:
@@ -188,10 +189,14 @@ async def _connection_changed(
     return [event]
 
 
-async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: str) -> None:
-    """Another worker holds the sale: come back after the shortest delay, no failure."""
-    delay, queue = rt.names.delay_queues[0]
+async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: Deferred) -> None:
+    """Not a failure (a busy sale, a paced key): come back later, backing off with jitter the
+    more often the message was deferred, so a long backlog does not churn the queue."""
     headers = dict(delivery.message.headers or {})
+    deferrals = _int(headers.get(H_DEFER_COUNT)) + 1
+    wanted = max(why.delay, backoff(deferrals, rt.policy, random.random()))
+    delay, queue = rt.names.delay_queue_for(wanted)
+    headers[H_DEFER_COUNT] = deferrals
     headers[H_ORIGINAL_RK] = delivery.routing_key
     try:
         await publisher.copy_to_queue(queue, delivery.message, headers)
@@ -201,7 +206,14 @@ async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: str
         return
     await _ack(delivery.message)
     metrics.events_total.labels(delivery.routing_key, "retried").inc()
-    log.info("message.deferred", reason=why, delay=delay)
+    log.info("message.deferred", reason=str(why), delay=delay, deferrals=deferrals)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(str(value)) if value is not None else 0
+    except ValueError:
+        return 0
 
 
 async def _failed(

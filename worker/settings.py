@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     #: Never send one create/cancel to a provider more often than this (the Számla Agent's rule).
     max_provider_attempts: int = 5
 
+    #: Requests a minute per provider key and worker process (Billingo allows 300 per key;
+    #: with N replicas give each 300 / N). 0 means no pacing.
+    billingo_requests_per_minute: float = 300.0
+    szamlazz_requests_per_minute: float = 0.0
+    #: A sale waits this long in-process for its key's pacing; longer, it is deferred through
+    #: a delay queue so a tenant's burst never holds the prefetch slots other tenants need.
+    throttle_max_wait_seconds: float = 2.0
+
     provider_timeout_seconds: float = 15.0
     publish_timeout_seconds: float = 10.0
     #: How long a worker may hold a sale before another worker may take it over.

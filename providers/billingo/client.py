@@ -32,6 +32,7 @@ from providers.base import (
     no_observer,
 )
 from providers.billingo import mapping
+from providers.ratelimit import KeyRateLimiter, key_id
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -103,6 +104,7 @@ class BillingoProvider:
         timeout: float = 15.0,
         observer: RequestObserver = no_observer,
         partner_cache_size: int = 50_000,
+        requests_per_minute: float = 300,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -111,6 +113,11 @@ class BillingoProvider:
         self._partners: _Lru[str, int] = _Lru(partner_cache_size)
         self._partners_pending: dict[str, asyncio.Future[int]] = {}
         self._rates: _Lru[tuple[str, date], Decimal] = _Lru(1_000)
+        # Billingo's limit is 300 requests a minute per key; pacing avoids 429s altogether.
+        self._limiter = KeyRateLimiter(requests_per_minute)
+
+    def backlog_seconds(self, conn: TenantConnection) -> float:
+        return self._limiter.backlog_seconds(key_id(conn.secret.get_secret_value()))
 
     # ---- Provider -----------------------------------------------------------------------
 
@@ -287,6 +294,7 @@ class BillingoProvider:
         params: Mapping[str, str] | None = None,
     ) -> _Reply:
         secret = conn.secret.get_secret_value()
+        await self._limiter.acquire(key_id(secret))
         started = time.perf_counter()
         status = "network_error"
         try:

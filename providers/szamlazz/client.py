@@ -27,6 +27,7 @@ from providers.base import (
     TenantConnection,
     no_observer,
 )
+from providers.ratelimit import KeyRateLimiter, key_id
 from providers.szamlazz.xml import (
     ACTION_INVOICE,
     ACTION_QUERY,
@@ -120,13 +121,19 @@ class SzamlazzProvider:
         *,
         timeout: float = 30.0,
         observer: RequestObserver = no_observer,
+        requests_per_minute: float = 0,
     ) -> None:
         self._url = agent_url
+        # The Agent documents no per-key limit; pacing is there for operators who need one.
+        self._limiter = KeyRateLimiter(requests_per_minute)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._observer = observer
         # One session (one cookie jar) per agent key: the Agent wants its JSESSIONID back,
         # and a cookie authenticates as its account, so accounts never share a jar.
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def backlog_seconds(self, conn: TenantConnection) -> float:
+        return self._limiter.backlog_seconds(key_id(conn.secret.get_secret_value()))
 
     async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
         document = build_invoice(conn, draft)
@@ -228,6 +235,7 @@ class SzamlazzProvider:
     ) -> T:
         """One POST; observed exactly once. Transport failures after the request may have
         reached the Agent leave a write's outcome unknown."""
+        await self._limiter.acquire(key_id(conn.secret.get_secret_value()))
         started = time.perf_counter()
         status = "network_error"
         form = aiohttp.FormData()

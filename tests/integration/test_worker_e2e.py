@@ -6,6 +6,7 @@ invoices the sales imply and the bus carries what Bookinda must hear.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from decimal import Decimal
@@ -252,3 +253,29 @@ async def test_worker_reconnects_after_the_broker_closes_its_connection(
     )
     assert app.consumer.sessions >= 2
     assert len(env.documents(tenant)) == 60  # every sale issued once, none twice
+
+
+async def test_a_paced_tenants_burst_does_not_delay_another_tenant(env: Env) -> None:
+    env.settings = env.settings.model_copy(
+        update={"billingo_requests_per_minute": 600, "throttle_max_wait_seconds": 0.5}
+    )
+    env.billingo.rate_limit_per_minute = 600  # the sandbox enforces the same limit with 429s
+    busy = env.add_tenant("burst", "billingo").tenant_id
+    quiet = env.add_tenant("quiet", "billingo").tenant_id
+    await env.start_worker()
+    for i in range(80):
+        await env.publish(paid_event(busy, f"S-BURST-{i}"))
+    await env.publish(paid_event(quiet, "S-QUIET"))
+    loop = asyncio.get_running_loop()
+    published = loop.time()
+
+    await env.outbox.wait_for(lambda o: len(issued(env, sale_id="S-QUIET")) == 1)
+    quiet_delay = loop.time() - published
+    burst_done = len(issued(env, tenant_id=busy))
+    await env.outbox.wait_for(lambda o: len(issued(env, tenant_id=busy)) == 80, timeout=60)
+
+    # 80 sales need ~8 s of the burst tenant's pacing; the quiet tenant does not wait for it.
+    assert burst_done < 60
+    assert quiet_delay < 3
+    assert not [r for r in env.billingo.plan.requests if r.status == 429]
+    assert len(env.documents(busy)) == 80

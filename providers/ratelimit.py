@@ -1,0 +1,50 @@
+"""Per-key request pacing, so one process never exceeds a provider's limit for a key.
+
+Billingo allows 300 requests a minute per API key. A generic cell-rate (GCRA) schedule per key:
+each request gets the next slot ``interval`` after the previous one, with a small burst
+allowance. ``backlog_seconds`` tells callers how long a new request would wait, so the worker
+can defer a throttled tenant's message instead of letting it hold a prefetch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+
+def key_id(secret: str) -> str:
+    """A stable, non-reversible name for a key (limiter and cache keys never hold secrets)."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+class KeyRateLimiter:
+    def __init__(self, per_minute: float, burst: int = 10) -> None:
+        self.enabled = per_minute > 0
+        self._interval = 60.0 / per_minute if self.enabled else 0.0
+        self._tolerance = self._interval * max(0, burst - 1)
+        self._tat: dict[str, float] = {}
+
+    def backlog_seconds(self, key: str) -> float:
+        """How long a request for ``key`` made now would wait for its slot."""
+        if not self.enabled:
+            return 0.0
+        now = time.monotonic()
+        return max(0.0, self._tat.get(key, now) - now - self._tolerance)
+
+    async def acquire(self, key: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        tat = max(self._tat.get(key, now), now)
+        wait = tat - now - self._tolerance
+        self._tat[key] = tat + self._interval
+        if len(self._tat) > 10_000:
+            self._forget(now)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _forget(self, now: float) -> None:
+        # Keys whose schedule is in the past carry no state worth keeping.
+        for key in [k for k, t in self._tat.items() if t < now]:
+            del self._tat[key]
