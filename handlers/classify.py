@@ -26,6 +26,9 @@ class Retry:
     #: The tier the message waits in before it is tried again.
     delay: float
     next_attempt_at: datetime
+    #: Set when the provider's Retry-After outlasts the longest tier: the message is not
+    #: tried before this instant (it waits through more delay-queue rounds).
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,4 +79,7 @@ def classify(
             f"gave up after {attempt} attempts over {elapsed:.0f}s; "
             f"last error {error.code}: {error.message}",
         )
+    if error.retry_after is not None and error.retry_after > delay:
+        not_before = now + timedelta(seconds=error.retry_after)
+        return Retry(delay=delay, next_attempt_at=not_before, not_before=not_before)
     return Retry(delay=delay, next_attempt_at=now + timedelta(seconds=delay))

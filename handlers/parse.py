@@ -33,9 +33,12 @@ def parse_event(body: bytes, routing_key: str, *, max_bytes: int) -> SalePaid | 
             f"unknown routing key {routing_key!r}; expected one of {', '.join(INBOUND_TYPES)}"
         )
     try:
-        data: Any = json.loads(body)
+        # Decoded explicitly: the contract says UTF-8, and json.loads would guess UTF-16/32.
+        data: Any = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _invalid(f"body is not JSON: {exc}") from None
+        raise _invalid(f"body is not JSON in UTF-8: {exc}") from None
+    except RecursionError:
+        raise _invalid("body is nested too deeply to be a sale event") from None
     if not isinstance(data, dict):
         raise _invalid("body is not a JSON object")
     if data.get("event_type") != routing_key:
@@ -53,8 +56,8 @@ def peek_tenant(body: bytes, max_bytes: int) -> str | None:
     if len(body) > max_bytes:
         return None
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     tenant = data.get("tenant_id") if isinstance(data, dict) else None
     return tenant if isinstance(tenant, str) and tenant else None

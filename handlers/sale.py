@@ -68,10 +68,11 @@ def cancelled_event(record: SaleRecord, causation_id: str) -> InvoiceCancelled:
     )
 
 
-def _attempts_left(used: int, ctx: Context, what: str) -> None:
-    # The Számla Agent's rule, applied to both providers: never send one request more than
-    # max_provider_attempts times, however many times the message comes back.
-    if used >= ctx.max_provider_attempts:
+def _attempts_left(used: int, provider: Provider, ctx: Context, what: str) -> None:
+    # The Számla Agent's rule: never send one request more than max_provider_attempts times,
+    # however many times the message comes back. Only sends that may have created something
+    # count (the ledger forgets provable refusals).
+    if provider.caps_resends and used >= ctx.max_provider_attempts:
         raise InvoicingError(
             ErrorCode.RETRIES_EXHAUSTED,
             f"{what} was already sent {used} times without a recorded result; not sending it again",
@@ -80,11 +81,6 @@ def _attempts_left(used: int, ctx: Context, what: str) -> None:
 
 async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
     conn = ctx.connection(event.tenant_id)
-    if not conn.auto_invoice and event.sale.trigger == "auto":
-        log.info("sale.skipped", reason="auto_invoice is off for the tenant")
-        return Handled("skipped")
-    # Pre-flight: a bad sale costs no API call and never reaches the provider.
-    validate_sale(event.sale, conn)
     key = SaleKey(event.tenant_id, event.sale.id, event.sale.invoice_generation)
     async with ctx.lease(key) as record:
         if record.state is SaleState.ISSUED:
@@ -108,6 +104,13 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
                 detail=f"generation is {record.state}",
             )
             return Handled("duplicate")
+        # Checked after the ledger, so a re-delivered sale that was already invoiced is
+        # announced again even if the tenant's settings changed since.
+        if not conn.auto_invoice and event.sale.trigger == "auto":
+            log.info("sale.skipped", reason="auto_invoice is off for the tenant")
+            return Handled("skipped")
+        # Pre-flight: a bad sale costs no API call and never reaches the provider.
+        validate_sale(event.sale, conn)
         provider = ctx.provider(conn)
         record = await _issue(event, conn, provider, record, ctx)
         return Handled("issued", (issued_event(record, event.event_id),), provider_ok=True)
@@ -125,7 +128,7 @@ async def _issue(
             return await ctx.ledger.record_issued(
                 key, ctx.owner, event.event_id, provider.name, found, found=True
             )
-    _attempts_left(record.issue_attempts, ctx, "the invoice")
+    _attempts_left(record.issue_attempts, provider, ctx, "the invoice")
     draft = build_draft(event, conn, ctx.today())
     await ctx.ledger.start_issue(key, ctx.owner, provider.name, event.event_id)
     try:
@@ -252,7 +255,7 @@ async def _cancel(
             return await ctx.ledger.record_cancelled(
                 key, ctx.owner, event.event_id, found, found=True
             )
-    _attempts_left(record.cancel_attempts, ctx, "the cancellation")
+    _attempts_left(record.cancel_attempts, provider, ctx, "the cancellation")
     await ctx.ledger.start_cancel(key, ctx.owner, event.event_id)
     try:
         cancellation = await provider.cancel(conn, invoice, request)

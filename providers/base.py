@@ -132,6 +132,9 @@ class Provider(Protocol):
     """What the handlers need from Billingo or Számlázz.hu."""
 
     name: ProviderName
+    #: True when the provider forbids sending one request more than a few times (the Számla
+    #: Agent's rule); otherwise only the retry budget bounds resends (each after a lookup).
+    caps_resends: bool
 
     async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
         """Create the invoice. Not idempotent at the provider: callers look up first

@@ -94,13 +94,15 @@ async def recheck_changed(app: App) -> list[OutEvent]:
             await app.providers[conn.provider].check_connection(conn)
         except InvoicingError as exc:
             error = exc
-        change = rt.connections.mark(conn, error)
-        if change is None:
+        change = rt.connections.assess(conn, error)
+        if change is None or change.event is None or change.state is None:
             continue
-        await rt.ledger.save_connection_state(change[1])
-        # Announced before any replay, so Bookinda hears ACTIVE before the replayed invoices.
-        await app.consumer.publish(change[0])
-        events.append(change[0])
+        # Announced (and confirmed) before it takes effect and before any replay, so Bookinda
+        # hears ACTIVE before the replayed invoices.
+        await app.consumer.publish(change.event)
+        rt.connections.apply(change)
+        await rt.ledger.save_connection_state(change.state)
+        events.append(change.event)
         if error is None and app.settings.auto_replay:
             await _replay_parked(app, conn.tenant_id)
     return events

@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_report)
 
-    from worker import dlq_cli
+    from worker import bench, dlq_cli
 
     dlq_cli.register(sub)
+    bench.register(sub)
     return parser
 
 

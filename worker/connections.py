@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from pydantic import SecretStr, ValidationError
@@ -32,12 +32,13 @@ class ConnectionsFileError(Exception):
     pass
 
 
-def _secret(tenant: str, table: dict[str, Any], name: str, base: Path) -> str:
+def _secret(tenant: str, table: dict[str, Any], name: str, base: Path, files: list[Path]) -> str:
     if isinstance(table.get(name), str) and table[name]:
         return str(table[name])
     if isinstance(table.get(f"{name}_file"), str):
         path = Path(table[f"{name}_file"])
         path = path if path.is_absolute() else base / path
+        files.append(path)
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -54,9 +55,13 @@ def _secret(tenant: str, table: dict[str, Any], name: str, base: Path) -> str:
     raise ConnectionsFileError(f"tenant {tenant!r}: no {name}, {name}_file or {name}_env")
 
 
-def parse_connections(text: str, base: Path) -> tuple[dict[str, TenantConnection], list[str]]:
+def parse_connections(
+    text: str, base: Path, files: list[Path] | None = None
+) -> tuple[dict[str, TenantConnection], list[str]]:
     """All tenants that are configured correctly, and one problem line per tenant that is not.
-    A broken tenant never takes the others down with it."""
+    A broken tenant never takes the others down with it. The secret files read are appended
+    to ``files``, so a caller can watch them too."""
+    files = files if files is not None else []
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -70,7 +75,7 @@ def parse_connections(text: str, base: Path) -> tuple[dict[str, TenantConnection
                 raise ConnectionsFileError(
                     f"tenant {tenant_id!r}: provider must be billingo or szamlazz"
                 )
-            secret = _secret(tenant_id, table, _SECRET_FIELDS[provider], base)
+            secret = _secret(tenant_id, table, _SECRET_FIELDS[provider], base, files)
             fields = {k: v for k, v in table.items() if not k.startswith(_SECRET_FIELDS[provider])}
             tenants[tenant_id] = TenantConnection(
                 tenant_id=tenant_id, secret=SecretStr(secret), **fields
@@ -82,8 +87,8 @@ def parse_connections(text: str, base: Path) -> tuple[dict[str, TenantConnection
     return tenants, problems
 
 
-def load_connections(path: Path) -> dict[str, TenantConnection]:
-    tenants, problems = parse_connections(path.read_text(encoding="utf-8"), path.parent)
+def load_connections(path: Path, files: list[Path] | None = None) -> dict[str, TenantConnection]:
+    tenants, problems = parse_connections(path.read_text(encoding="utf-8"), path.parent, files)
     for problem in problems:
         log.error("connections.tenant_invalid", problem=problem)
     return tenants
@@ -97,26 +102,44 @@ class Health:
     fingerprint: str
 
 
+@dataclass(frozen=True, slots=True)
+class HealthChange:
+    conn: TenantConnection
+    health: Health
+    #: The announcement and the state to persist, when the status itself changed.
+    event: ConnectionStatus | None
+    state: ConnectionState | None
+
+
 class ConnectionRegistry:
     """Current tenants, re-read on change, and each tenant's ACTIVE / ERROR state."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._mtime: tuple[float, int] | None = None
+        self._mtime: tuple[tuple[float, int, int] | None, ...] | None = None
+        self._secret_files: list[Path] = []
         self._tenants: dict[str, TenantConnection] = {}
         self._health: dict[str, Health] = {}
 
     # -- the file ------------------------------------------------------------------------
 
-    def _stamp(self) -> tuple[float, int] | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime, st.st_size)
+    def _stamp(self) -> tuple[tuple[float, int, int] | None, ...]:
+        """Changes when the file or any secret file it points to changes (a key rotated in
+        ``api_key_file``; in Kubernetes the kubelet swaps a symlink, so stat follows links)."""
+        stamps: list[tuple[float, int, int] | None] = []
+        for path in (self.path, *self._secret_files):
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_mtime, st.st_size, st.st_ino))
+        return tuple(stamps)
 
     def load(self) -> None:
-        self._tenants = load_connections(self.path) if self.path.exists() else {}
+        files: list[Path] = []
+        self._tenants = load_connections(self.path, files) if self.path.exists() else {}
+        self._secret_files = files
         self._mtime = self._stamp()
         if not self.path.exists():
             log.warning("connections.file_missing", path=str(self.path))
@@ -172,11 +195,10 @@ class ConnectionRegistry:
             code, f"connection is in ERROR ({health.message}); parked without a provider call"
         )
 
-    def mark(
-        self, conn: TenantConnection, error: InvoicingError | None
-    ) -> tuple[ConnectionStatus, ConnectionState] | None:
-        """Record the outcome of a provider call; returns the event and state to persist when
-        the tenant's status changed."""
+    def assess(self, conn: TenantConnection, error: InvoicingError | None) -> HealthChange | None:
+        """What a provider call's outcome means for the tenant's health, without applying it:
+        the caller publishes the announcement first and applies the change only once the
+        broker confirmed it, so a failed publish cannot swallow a status change."""
         if error is not None and error.code not in CONNECTION_ERRORS:
             return None
         new = Health(
@@ -186,36 +208,44 @@ class ConnectionRegistry:
             conn.fingerprint(),
         )
         old = self._health.get(conn.tenant_id)
-        self._health[conn.tenant_id] = new
-        self._export(conn, new)
-        if old is not None and old.status == new.status and old.error_code == new.error_code:
+        if old == new:
             return None
-        if old is None and new.status == "ACTIVE":
-            return None  # a tenant that simply works is no news
-        log.warning(
-            "connection.status",
-            tenant_id=conn.tenant_id,
-            status=new.status,
-            error_code=new.error_code,
+        news = not (
+            (old is not None and old.status == new.status and old.error_code == new.error_code)
+            or (old is None and new.status == "ACTIVE")  # a tenant that simply works is no news
         )
+        if not news:
+            return HealthChange(conn, new, None, None)
+        status: Literal["ACTIVE", "ERROR"] = "ERROR" if error else "ACTIVE"
         event = ConnectionStatus(
             causation_id=None,
             tenant_id=conn.tenant_id,
             provider=conn.provider,
-            status="ERROR" if error else "ACTIVE",
+            status=status,
             error_code=new.error_code,
             message=new.message,
         )
         state = ConnectionState(
             tenant_id=conn.tenant_id,
             provider=conn.provider,
-            status="ERROR" if error else "ACTIVE",
+            status=status,
             error_code=new.error_code,
             message=new.message,
             fingerprint=new.fingerprint,
             updated_at=datetime.now(UTC),
         )
-        return event, state
+        return HealthChange(conn, new, event, state)
+
+    def apply(self, change: HealthChange) -> None:
+        self._health[change.conn.tenant_id] = change.health
+        self._export(change.conn, change.health)
+        if change.event is not None:
+            log.warning(
+                "connection.status",
+                tenant_id=change.conn.tenant_id,
+                status=change.health.status,
+                error_code=change.health.error_code,
+            )
 
     @staticmethod
     def _export(conn: TenantConnection, health: Health | None) -> None:

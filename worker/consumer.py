@@ -61,8 +61,7 @@ class Consumer:
     async def publish(self, event: OutEvent) -> None:
         """Publish an event that no delivery caused (e.g. a connection re-test)."""
         if self._publisher is None:
-            log.warning("event.not_published", event_type=event.event_type, reason="no broker")
-            return
+            raise ConnectionError(f"no broker connection to publish {event.event_type}")
         await self._publisher.event(event, correlation_id=None)
 
     async def run(self) -> None:
@@ -83,6 +82,12 @@ class Consumer:
             backoff = min(backoff * 2, 15.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
+        if self._in_flight:
+            # Tasks of a lost session: their acks cannot land any more, but their ledger and
+            # provider calls must finish before the ledger and sessions are closed.
+            await asyncio.wait(
+                set(self._in_flight), timeout=self.rt.settings.shutdown_grace_seconds
+            )
         log.info("consumer.stopped")
 
     async def _session(self) -> None:
@@ -103,6 +108,8 @@ class Consumer:
             publisher = Publisher(channel, exchange, settings.publish_timeout_seconds)
             self._publisher = publisher
             queue = await channel.get_queue(settings.queue)
+            if self._stop.is_set():
+                return
             tag = await queue.consume(self._handler(publisher))
             self._sessions += 1
             self.ready = True
@@ -131,6 +138,11 @@ class Consumer:
         self, publisher: Publisher
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
+            if self._stop.is_set():
+                # Delivered after the stop began: hand it back untouched.
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                return
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
@@ -163,11 +175,15 @@ class Consumer:
             await queue.cancel(tag, timeout=5)
         except Exception:
             log.warning("consumer.cancel_failed", exc_info=True)
-        pending = set(self._in_flight)
-        log.info("consumer.draining", in_flight=len(pending), grace_seconds=grace)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace)
-            for task in still:
-                task.cancel()
-            if still:
-                log.warning("consumer.handed_back", count=len(still))
+        log.info("consumer.draining", in_flight=len(self._in_flight), grace_seconds=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Looped: a delivery already on its way when the cancel went out may still start.
+        while self._in_flight and loop.time() < deadline:
+            await asyncio.wait(set(self._in_flight), timeout=deadline - loop.time())
+        still = set(self._in_flight)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still, timeout=5)
+            log.warning("consumer.handed_back", count=len(still))

@@ -20,7 +20,8 @@ from providers.billingo.sandbox import BillingoSandbox
 from providers.szamlazz.sandbox import SzamlazzSandbox
 from worker.app import App, build, serve
 from worker.samples import COMPANY, PERSON, ROOM, Outbox, paid_event, publish_event, storno_event
-from worker.settings import Settings
+from worker.settings import Settings, safe_url
+from worker.topology import Names
 
 RUN_DIR = Path("demo-run")
 AURORA_KEY = "demo-aurora-billingo-key"
@@ -107,12 +108,12 @@ async def run_demo(base: Settings, *, keep_running: bool = False) -> int:
             "retry_base_seconds": 1.0,
         }
     )
-    print(f"▶ Bookinda invoicing worker demo (broker {settings.amqp_url.split('@')[-1]})")
+    print(f"▶ Bookinda invoicing worker demo (broker {safe_url(settings.amqp_url)})")
     try:
         connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     except Exception as exc:
         print(
-            f"✗ cannot reach RabbitMQ at {settings.amqp_url}: {exc}\n"
+            f"✗ cannot reach RabbitMQ at {safe_url(settings.amqp_url)}: {exc}\n"
             "  Start it with `rabbitmq-server -detached` (the README's demo command does)."
         )
         return 2
@@ -150,7 +151,8 @@ async def run_demo(base: Settings, *, keep_running: bool = False) -> int:
 
 async def _purge_own_queues(connection: AbstractConnection, settings: Settings) -> None:
     """Start from empty so the summary shows this run; only the demo's own queues."""
-    for name in (settings.queue, settings.dead_letter_queue):
+    names = Names.from_settings(settings)
+    for name in (settings.queue, settings.dead_letter_queue, *(n for _, n in names.delay_queues)):
         # A passive declare of a missing queue closes its channel: one channel per queue.
         channel = await connection.channel()
         with contextlib.suppress(Exception):

@@ -53,7 +53,13 @@ H_DEAD_LETTERED_AT = "x-dead-lettered-at"
 H_REPLAY_COUNT = "x-replay-count"
 H_REPLAYED_AT = "x-replayed-at"
 #: The retry state a replay resets, so the replayed message gets a fresh retry budget.
-RETRY_HEADERS = ("x-retry-count", "x-first-failed-at", "x-last-error-code")
+RETRY_HEADERS = (
+    "x-retry-count",
+    "x-first-failed-at",
+    "x-last-error-code",
+    "x-defer-count",
+    "x-not-before",
+)
 
 #: The code shown for a message the broker dead-lettered after too many deliveries.
 DELIVERY_LIMIT = "delivery_limit"

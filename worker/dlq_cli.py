@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from worker.settings import Settings
+from worker.settings import Settings, safe_url
 
 if TYPE_CHECKING:
     from worker.dlq import DeadMessage, GroupSummary, ReplayResult
@@ -122,19 +122,10 @@ async def _guarded(settings: Settings, body: Callable[[], Awaitable[int]]) -> in
         print(f"error: {exc} (declare it with `invoicing-worker topology`)", file=sys.stderr)
     except (aio_pika.exceptions.AMQPConnectionError, OSError) as exc:
         print(
-            f"error: cannot reach the broker at {_safe_url(settings.amqp_url)}: {exc}",
+            f"error: cannot reach the broker at {safe_url(settings.amqp_url)}: {exc}",
             file=sys.stderr,
         )
     return 2
-
-
-def _safe_url(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 async def _list(args: argparse.Namespace, settings: Settings) -> int:

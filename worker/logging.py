@@ -23,7 +23,8 @@ def register_secrets(values: list[str]) -> None:
     _secrets.update(v for v in values if len(v) >= 4)
 
 
-def _scrub_text(text: str) -> str:
+def scrub_text(text: str) -> str:
+    """``text`` with every registered secret replaced."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -33,9 +34,9 @@ def _scrub_text(text: str) -> str:
 def scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
         if isinstance(value, str):
-            event[key] = _scrub_text(value)
+            event[key] = scrub_text(value)
         elif value is not None and not isinstance(value, int | float | bool):
-            event[key] = _scrub_text(str(value))
+            event[key] = scrub_text(str(value))
     return event
 
 

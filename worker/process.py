@@ -29,8 +29,9 @@ from handlers.parse import parse_event, peek_tenant
 from handlers.sale import handle_paid, handle_storno
 from providers.base import Provider
 from worker import metrics
-from worker.connections import ConnectionRegistry
+from worker.connections import ConnectionRegistry, HealthChange
 from worker.ledger.model import LeaseLost, Ledger, SaleKey
+from worker.logging import scrub_text
 from worker.publisher import Publisher
 from worker.settings import Settings
 from worker.topology import Names
@@ -41,6 +42,7 @@ H_RETRY_COUNT = "x-retry-count"
 H_FIRST_FAILED = "x-first-failed-at"
 H_ORIGINAL_RK = "x-original-routing-key"
 H_DEFER_COUNT = "x-defer-count"
+H_NOT_BEFORE = "x-not-before"
 MAX_HEADER_TEXT = 2000
 _BUDAPEST = ZoneInfo("Europe/Budapest")
 
@@ -112,6 +114,16 @@ def _text(value: Any) -> str | None:
 
 
 async def process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publisher) -> None:
+    """Handle one delivery; never lets an exception escape into aiormq (it would only log a
+    line and leave the delivery unacked until the channel dies)."""
+    try:
+        await _process(message, rt, publisher)
+    except Exception:
+        log.exception("message.pipeline_failed")
+        await _requeue(message)
+
+
+async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publisher) -> None:
     started = time.monotonic()
     delivery = Delivery.of(message)
     event: SalePaid | SaleStorno | None = None
@@ -121,6 +133,10 @@ async def process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publ
     )
     metrics.in_flight.inc()
     try:
+        wait = _not_yet(delivery)
+        if wait > 0:
+            # The provider asked for a longer pause than the longest delay tier: another round.
+            raise Deferred("provider asked to wait (Retry-After)", delay=wait)
         event = parse_event(
             message.body, delivery.routing_key, max_bytes=rt.settings.max_body_bytes
         )
@@ -154,6 +170,16 @@ async def process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publ
         )
 
 
+def _not_yet(delivery: Delivery) -> float:
+    not_before = _text((delivery.message.headers or {}).get(H_NOT_BEFORE))
+    if not not_before:
+        return 0.0
+    try:
+        return (datetime.fromisoformat(not_before) - datetime.now(UTC)).total_seconds()
+    except ValueError:
+        return 0.0
+
+
 def _sale_id(event: SalePaid | SaleStorno) -> str:
     return event.sale.id if isinstance(event, SalePaid) else event.sale_id
 
@@ -166,27 +192,28 @@ async def _succeeded(
     publisher: Publisher,
 ) -> None:
     events: list[OutEvent] = list(handled.events)
+    change = None
     if handled.provider_ok:
         conn = rt.connections.get(event.tenant_id)
-        if conn is not None:
-            events += await _connection_changed(conn, None, rt)
+        change = rt.connections.assess(conn, None) if conn is not None else None
+    if change is not None and change.event is not None:
+        events.append(change.event)
     # Outcome first, ack second: a crash in between re-delivers, and the ledger turns the
     # re-delivery into the same announcement instead of a second invoice.
     if await _publish_all(publisher, events, event.event_id, delivery.message):
+        await _apply(change, rt)
         await _ack(delivery.message)
         metrics.events_total.labels(event.event_type, handled.outcome).inc()
         log.info("message.handled", outcome=handled.outcome)
 
 
-async def _connection_changed(
-    conn: Any, error: InvoicingError | None, rt: Runtime
-) -> list[OutEvent]:
-    change = rt.connections.mark(conn, error)
+async def _apply(change: HealthChange | None, rt: Runtime) -> None:
+    """A health change takes effect once its announcement is confirmed, never before."""
     if change is None:
-        return []
-    event, state = change
-    await rt.ledger.save_connection_state(state)
-    return [event]
+        return
+    rt.connections.apply(change)
+    if change.state is not None:
+        await rt.ledger.save_connection_state(change.state)
 
 
 async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: Deferred) -> None:
@@ -234,14 +261,13 @@ async def _failed(
         jitter=random.random(),
     )
     conn = rt.connections.get(event.tenant_id) if event else None
-    events: list[OutEvent] = []
-    if conn is not None:
-        events += await _connection_changed(conn, error, rt)
+    change = rt.connections.assess(conn, error) if conn is not None else None
+    events: list[OutEvent] = [change.event] if change and change.event else []
     tenant = (
         event.tenant_id if event else peek_tenant(delivery.message.body, rt.settings.max_body_bytes)
     )
     if isinstance(decision, Retry):
-        headers = _retry_headers(delivery, error, first)
+        headers = _retry_headers(delivery, error, first, decision)
         queue = rt.names.delay_queue_for(decision.delay)[1]
         copy = publisher.copy_to_queue(queue, delivery.message, headers)
         code, message, final, next_at = error.code, error.message, False, decision.next_attempt_at
@@ -260,11 +286,14 @@ async def _failed(
         next_attempt_at=next_at,
     )
     try:
-        await asyncio.gather(copy, _publish_events(publisher, events, _event_id(event)))
+        # The copy first: invoice.failed must never announce a parking that did not happen.
+        await copy
+        await _publish_events(publisher, events, _event_id(event))
     except Exception:
         log.warning("message.park_failed", exc_info=True)
         await _requeue(delivery.message)
         return
+    await _apply(change, rt)
     await _audit_failure(event, code, message, final, rt)
     await _ack(delivery.message)
     metrics.events_total.labels(delivery.routing_key or "unknown", outcome).inc()
@@ -300,7 +329,9 @@ def _failed_event(
         provider=conn.provider if conn is not None else None,
         operation="cancel" if delivery.routing_key == "sale.storno" else "issue",
         error=ErrorInfo(
-            code=str(code), message=message[:MAX_HEADER_TEXT], fix=InvoicingError(code, "").fix
+            code=str(code),
+            message=scrub_text(message)[:MAX_HEADER_TEXT],
+            fix=InvoicingError(code, "").fix,
         ),
         attempt=delivery.attempt,
         final=final,
@@ -335,8 +366,13 @@ async def _audit_failure(
         log.warning("ledger.audit_failed", exc_info=True)
 
 
-def _retry_headers(delivery: Delivery, error: InvoicingError, first: datetime) -> dict[str, Any]:
+def _retry_headers(
+    delivery: Delivery, error: InvoicingError, first: datetime, decision: Retry
+) -> dict[str, Any]:
     headers = dict(delivery.message.headers or {})
+    headers.pop(H_NOT_BEFORE, None)
+    if decision.not_before is not None:
+        headers[H_NOT_BEFORE] = decision.not_before.isoformat()
     # Our own counter: x-death counting changed between RabbitMQ 3.13 and 4.0.
     headers[H_RETRY_COUNT] = delivery.attempt
     headers[H_FIRST_FAILED] = first.isoformat()
@@ -352,7 +388,7 @@ def _dead_letter_headers(
     headers.update(
         {
             "x-error-code": str(decision.code),
-            "x-error-message": decision.message[:MAX_HEADER_TEXT],
+            "x-error-message": scrub_text(decision.message)[:MAX_HEADER_TEXT],
             "x-original-routing-key": delivery.routing_key,
             "x-tenant-id": tenant or "",
             "x-attempts": delivery.attempt,
@@ -396,6 +432,9 @@ async def _ack(message: AbstractIncomingMessage) -> None:
 
 
 async def _requeue(message: AbstractIncomingMessage) -> None:
+    # A pause first: whatever failed (a broker alarm, a missing queue) is not fixed by an
+    # immediate redelivery, and a hot loop would burn the quorum queue's delivery limit.
+    await asyncio.sleep(0.5 + random.random())
     try:
         await message.nack(requeue=True)
     except Exception:

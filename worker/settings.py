@@ -26,6 +26,16 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:g}h"
 
 
+def safe_url(url: str) -> str:
+    """The broker URL without its credentials, for anything a person or a log may see."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INVOICING_", env_file=".env", extra="ignore", frozen=True

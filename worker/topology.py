@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from worker.settings import Settings, format_duration
@@ -50,29 +50,34 @@ class Names:
         return self.delay_queues[-1]
 
 
-@dataclass(frozen=True)
-class Topology:
-    names: Names
-    exchange: AbstractExchange
-    work_queue: AbstractQueue
+class _Declarer:
+    """Declares on one channel, replacing it when a declaration fails (which closes it)."""
 
+    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        self._connection = connection
+        self.channel: AbstractChannel | None = None
 
-async def _declare_queue(
-    channel: AbstractChannel, name: str, arguments: dict[str, object]
-) -> AbstractQueue:
-    try:
-        return await channel.declare_queue(name, durable=True, arguments=arguments)  # type: ignore[arg-type]
-    except ChannelPreconditionFailed as exc:
-        # The queue exists with other arguments (declared by an older version or by ops with
-        # a policy). Never delete it: use it as it is and say so.
-        log.warning("topology.queue_arguments_differ", queue=name, error=str(exc))
-        raise
+    async def open(self) -> AbstractChannel:
+        self.channel = await self._connection.channel()
+        return self.channel
+
+    async def queue(self, name: str, arguments: dict[str, object]) -> AbstractQueue:
+        assert self.channel is not None
+        try:
+            return await self.channel.declare_queue(name, durable=True, arguments=arguments)  # type: ignore[arg-type]
+        except ChannelPreconditionFailed as exc:
+            # The queue exists with other arguments (an older version, or ops' own policy).
+            # Never delete it: use it as it is, and say so.
+            log.warning("topology.queue_arguments_differ", queue=name, error=str(exc))
+            channel = await self.open()
+            return await channel.declare_queue(name, passive=True)
 
 
 async def declare(connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
     """Declare everything; safe to run any number of times, from any number of workers."""
     names = Names.from_settings(settings)
-    channel = await connection.channel()
+    declarer = _Declarer(connection)
+    channel = await declarer.open()
     try:
         exchange = await channel.declare_exchange(
             names.exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -82,10 +87,9 @@ async def declare(connection: aio_pika.abc.AbstractConnection, settings: Setting
         dlx = await channel.declare_exchange(
             names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        dlq = await _declare_queue(channel, names.dead_letter_queue, {})
+        dlq = await declarer.queue(names.dead_letter_queue, {})
         await dlq.bind(dlx, routing_key="")
-        work = await _declare_queue(
-            channel,
+        work = await declarer.queue(
             names.queue,
             {
                 "x-queue-type": "quorum",
@@ -98,8 +102,7 @@ async def declare(connection: aio_pika.abc.AbstractConnection, settings: Setting
         for key in INBOUND_ROUTING_KEYS:
             await work.bind(exchange, routing_key=key)
         for delay, name in names.delay_queues:
-            await _declare_queue(
-                channel,
+            await declarer.queue(
                 name,
                 {
                     "x-queue-type": "quorum",
@@ -119,4 +122,5 @@ async def declare(connection: aio_pika.abc.AbstractConnection, settings: Setting
             delay_queues=[n for _, n in names.delay_queues],
         )
     finally:
-        await channel.close()
+        if declarer.channel is not None:
+            await declarer.channel.close()

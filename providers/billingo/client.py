@@ -96,6 +96,7 @@ class BillingoProvider:
     """Issues, finds and cancels Billingo invoices for any number of tenants (one session)."""
 
     name: ProviderName = "billingo"
+    caps_resends = False
 
     def __init__(
         self,

@@ -114,6 +114,7 @@ class SzamlazzProvider:
     """:class:`providers.base.Provider` for Számlázz.hu (Számla Agent, answer format 2)."""
 
     name: ProviderName = "szamlazz"
+    caps_resends = True
 
     def __init__(
         self,

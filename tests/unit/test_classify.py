@@ -93,3 +93,11 @@ def test_pick_tier() -> None:
 def test_every_code_has_a_fix() -> None:
     for code in ErrorCode:
         assert InvoicingError(code, "x").fix
+
+
+def test_a_retry_after_beyond_the_longest_tier_sets_not_before() -> None:
+    decision = decide(ErrorCode.RATE_LIMITED, retry_after=3600)
+    assert isinstance(decision, Retry)
+    assert decision.delay == 300  # waits in the longest tier, then again until not_before
+    assert decision.not_before == NOW + timedelta(seconds=3600)
+    assert decision.next_attempt_at == decision.not_before

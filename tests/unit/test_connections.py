@@ -62,14 +62,17 @@ def test_registry_reloads_changed_tenants_and_tracks_health(tmp_path: Path) -> N
     registry.load()
     conn = registry.get("a")
     assert conn is not None
-    change = registry.mark(conn, InvoicingError(ErrorCode.AUTH_FAILED, "401"))
+    change = registry.assess(conn, InvoicingError(ErrorCode.AUTH_FAILED, "401"))
     assert change is not None
-    assert change[0].status == "ERROR"
+    assert change.event is not None
+    assert change.event.status == "ERROR"
+    assert registry.breaker_error(conn) is None  # nothing applies before the publish
+    registry.apply(change)
     breaker = registry.breaker_error(conn)
     assert breaker is not None
     assert breaker.code is ErrorCode.AUTH_FAILED
     # Data errors say nothing about the connection.
-    assert registry.mark(conn, InvoicingError(ErrorCode.INVALID_CUSTOMER_DATA, "x")) is None
+    assert registry.assess(conn, InvoicingError(ErrorCode.INVALID_CUSTOMER_DATA, "x")) is None
 
     path.write_text('[tenants.a]\nprovider = "billingo"\napi_key = "k2"\nblock_id = 1\n')
     os.utime(path, (1, 1))  # a different stamp even within one clock tick
@@ -78,9 +81,10 @@ def test_registry_reloads_changed_tenants_and_tracks_health(tmp_path: Path) -> N
     new = registry.get("a")
     assert new is not None
     assert registry.breaker_error(new) is None
-    change = registry.mark(new, None)
+    change = registry.assess(new, None)
     assert change is not None
-    assert change[0].status == "ACTIVE"
+    assert change.event is not None
+    assert change.event.status == "ACTIVE"
 
 
 def test_registered_secrets_are_scrubbed_from_log_lines() -> None:
@@ -94,3 +98,21 @@ def test_registered_secrets_are_scrubbed_from_log_lines() -> None:
     line = json.loads(out.getvalue())
     assert line["error"] == "401 for key [redacted]"
     structlog.reset_defaults()
+
+
+def test_a_key_rotated_in_its_secret_file_is_noticed(tmp_path: Path) -> None:
+    key = tmp_path / "aurora.key"
+    key.write_text("old-key")
+    path = tmp_path / "c.toml"
+    path.write_text('[tenants.a]\nprovider = "billingo"\napi_key_file = "aurora.key"\n')
+    registry = ConnectionRegistry(path)
+    registry.load()
+    assert registry.reload_if_changed() == []
+
+    key.write_text("new-key-2")  # only the secret file changes
+    os.utime(key, (5, 5))
+    changed = registry.reload_if_changed()
+    assert [c.tenant_id for c in changed] == ["a"]
+    conn = registry.get("a")
+    assert conn is not None
+    assert conn.secret.get_secret_value() == "new-key-2"

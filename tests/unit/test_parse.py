@@ -85,6 +85,7 @@ def test_invalid_events_name_the_field(mutate: str, expected: str) -> None:
         (b"[1, 2]", "sale.paid", "not a JSON object"),
         (b"{}", "sale.deleted", "unknown routing key"),
         (b" " * 2000, "sale.paid", "exceeds the limit"),
+        ('{"a": "\u00e1"}'.encode("utf-16"), "sale.paid", "not JSON"),
     ],
 )
 def test_unparseable_bodies(raw: bytes, key: str, expected: str) -> None:
@@ -97,3 +98,11 @@ def test_peek_tenant_is_best_effort() -> None:
     assert peek_tenant(b'{"tenant_id": "a"}', 100) == "a"
     assert peek_tenant(b"{nope", 100) is None
     assert peek_tenant(b'{"tenant_id": 3}', 100) is None
+
+
+def test_deeply_nested_json_is_invalid_not_a_crash() -> None:
+    body = b"[" * 200_000 + b"]" * 200_000  # 400 kB, under the size limit
+    with pytest.raises(InvoicingError) as info:
+        parse_event(body, "sale.paid", max_bytes=10**6)
+    assert "nested too deeply" in info.value.message
+    assert peek_tenant(body, 10**6) is None

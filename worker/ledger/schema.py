@@ -199,7 +199,12 @@ START_ISSUE = Transition(
     "state = 'pending', provider = :provider, issue_attempts = issue_attempts + 1, "
     "issue_in_doubt = TRUE"
 )
-ISSUE_FAILED = Transition("last_error_code = :error_code, issue_in_doubt = :in_doubt")
+# A send that provably created nothing (refused connection, 4xx, 429) does not count towards
+# max_provider_attempts: the cap is on sends that may have produced a document.
+ISSUE_FAILED = Transition(
+    "last_error_code = :error_code, issue_in_doubt = :in_doubt, "
+    "issue_attempts = issue_attempts - CASE WHEN :in_doubt THEN 0 ELSE 1 END"
+)
 RECORD_ISSUED = Transition(
     "state = 'issued', provider = :provider, document_id = :document_id, "
     "invoice_number = :invoice_number, gross_total = :gross_total, currency = :currency, "
@@ -208,7 +213,10 @@ RECORD_ISSUED = Transition(
 START_CANCEL = Transition(
     "state = 'cancel_pending', cancel_attempts = cancel_attempts + 1, cancel_in_doubt = TRUE"
 )
-CANCEL_FAILED = Transition("last_error_code = :error_code, cancel_in_doubt = :in_doubt")
+CANCEL_FAILED = Transition(
+    "last_error_code = :error_code, cancel_in_doubt = :in_doubt, "
+    "cancel_attempts = cancel_attempts - CASE WHEN :in_doubt THEN 0 ELSE 1 END"
+)
 RECORD_CANCELLED = Transition(
     "state = 'cancelled', cancel_kind = :cancel_kind, cancel_document_id = :cancel_document_id, "
     "cancel_invoice_number = :cancel_invoice_number, cancel_in_doubt = FALSE, "

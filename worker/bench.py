@@ -1,0 +1,1087 @@
+"""``invoicing-worker bench``: the real worker against the local broker and the sandboxes.
+
+One run:
+
+1. starts the Billingo and Számla Agent sandboxes in this process (127.0.0.1, rate limit off,
+   ``--latency`` seconds added to every request), writes a connections file for ``--tenants``
+   tenants and declares a topology of its own (``bench.<id>.*``) with a fresh SQLite ledger in
+   a temporary directory (or ``--ledger-url``);
+2. pre-loads ``--sales`` ``sale.paid`` events into the work queue, then spawns ``--processes``
+   ``python -m worker run`` subprocesses and times, with a listener bound to ``invoice.*``,
+   from the first ``invoice.issued`` to the last (with ``--rate R`` the workers start first
+   and the sales are published at R per second, which makes the latency figures meaningful);
+3. samples the workers' RSS (``/proc/<pid>/status``) and CPU time, counts the provider
+   requests in the sandboxes' logs;
+4. runs, in the same way, a bare aio-pika loop (consume → the same number of HTTP calls to a
+   local aiohttp server answering after ``--latency`` → confirmed publish → ack, same prefetch,
+   same message count, same message bodies): the ceiling the worker is compared with;
+5. deletes every queue and exchange it declared and prints a table and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.settings import Settings
+
+CEILING_FLAG = "--ceiling-child"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    sales: int = 5000
+    tenants: int = 4
+    provider: str = "billingo"
+    latency: float = 0.0
+    prefetch: int = 64
+    processes: int = 1
+    new_customers: float = 0.0
+    ledger_url: str | None = None
+    rate: float = 0.0
+    log_level: str = "info"
+    uvloop: bool = False
+    ceiling: bool = True
+    py_spy: str | None = None
+    stall_seconds: float = 60.0
+    keep: bool = False
+
+    def command_line(self) -> str:
+        """The exact command that repeats this run."""
+        argv = [
+            "invoicing-worker",
+            "bench",
+            f"--sales={self.sales}",
+            f"--tenants={self.tenants}",
+            f"--provider={self.provider}",
+            f"--latency={self.latency:g}",
+            f"--prefetch={self.prefetch}",
+            f"--processes={self.processes}",
+            f"--new-customers={self.new_customers:g}",
+            f"--log-level={self.log_level}",
+        ]
+        if self.rate:
+            argv.append(f"--rate={self.rate:g}")
+        if self.ledger_url:
+            argv.append(f"--ledger-url={self.ledger_url}")
+        if self.uvloop:
+            argv.append("--uvloop")
+        if not self.ceiling:
+            argv.append("--no-ceiling")
+        if self.py_spy:
+            argv.append(f"--py-spy={self.py_spy}")
+        return shlex.join(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def register(sub: Any) -> None:
+    """Add ``bench`` to the top-level subparsers ``sub``."""
+    p = sub.add_parser(
+        "bench",
+        help="throughput, latency, RSS and provider calls of the real worker, vs a bare loop",
+        description="Run the real worker (python -m worker run subprocesses) against the local "
+        "RabbitMQ (INVOICING_AMQP_URL) and the built-in sandboxes, on queues of its own "
+        "(bench.<id>.*, deleted afterwards), and compare it with a bare aio-pika loop doing "
+        "consume → the same HTTP calls → confirmed publish → ack in the same run.",
+        epilog="By default the sales are pre-loaded into the work queue before the workers "
+        "start, and throughput is timed from the first invoice.issued to the last; latency then "
+        "includes the wait in the queue. With --rate the workers start first and the sales are "
+        "published at that rate, so latency is the per-sale end-to-end time.",
+    )
+    p.add_argument("--sales", type=_positive_int, default=5000, help="sale.paid events (5000)")
+    p.add_argument("--tenants", type=_positive_int, default=4, help="tenants (4)")
+    p.add_argument(
+        "--provider",
+        choices=("billingo", "szamlazz", "both"),
+        default="billingo",
+        help="the tenants' provider; both: alternate (billingo)",
+    )
+    p.add_argument(
+        "--latency",
+        type=_non_negative,
+        default=0.0,
+        help="seconds added to every provider request (sandbox plan.latency; 0)",
+    )
+    p.add_argument("--prefetch", type=_positive_int, default=64, help="INVOICING_PREFETCH (64)")
+    p.add_argument("--processes", type=_positive_int, default=1, help="worker processes (1)")
+    p.add_argument(
+        "--new-customers",
+        type=_fraction,
+        default=0.0,
+        help="fraction of sales with a customer never seen before (0: customers repeat, so "
+        "Billingo partner ids come from the worker's cache)",
+    )
+    p.add_argument(
+        "--ledger-url",
+        default=None,
+        help="ledger for the workers (default: a fresh SQLite file in a temporary directory; "
+        "e.g. postgresql://postgres@127.0.0.1:5432/test)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_non_negative,
+        default=0.0,
+        help="publish at this many sales/s while the workers run (0: pre-load the queue)",
+    )
+    p.add_argument(
+        "--log-level", default="info", help="the workers' INVOICING_LOG_LEVEL (info, as deployed)"
+    )
+    p.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run the workers (and the bare loop) on uvloop, without changing the worker code",
+    )
+    p.add_argument(
+        "--no-ceiling", dest="ceiling", action="store_false", help="skip the bare-loop ceiling"
+    )
+    p.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        default=None,
+        help="record the first worker with py-spy (raw collapsed stacks) into FILE",
+    )
+    p.add_argument(
+        "--stall-seconds",
+        type=_non_negative,
+        default=60.0,
+        help="give up when no invoice arrives for this long (60)",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, ledger)"
+    )
+    p.set_defaults(func=_bench)
+
+
+def options_from(args: argparse.Namespace) -> BenchOptions:
+    return BenchOptions(
+        sales=args.sales,
+        tenants=args.tenants,
+        provider=args.provider,
+        latency=args.latency,
+        prefetch=args.prefetch,
+        processes=args.processes,
+        new_customers=args.new_customers,
+        ledger_url=args.ledger_url,
+        rate=args.rate,
+        log_level=args.log_level,
+        uvloop=args.uvloop,
+        ceiling=args.ceiling,
+        py_spy=args.py_spy,
+        stall_seconds=args.stall_seconds,
+        keep=args.keep,
+    )
+
+
+async def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    options = options_from(args)
+    try:
+        report = await run_bench(options, settings)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.render())
+    return 0 if report.complete else 1
+
+
+class BenchError(Exception):
+    """The run could not be made (broker unreachable, worker did not start, stall)."""
+
+
+# --- measurement primitives ------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def proc_status_kib(pid: int, field_name: str) -> int | None:
+    """A ``/proc/<pid>/status`` field in KiB (VmRSS, VmHWM), None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def broker_cpu_seconds() -> float | None:
+    """CPU time of the local RabbitMQ node (beam.smp), when it runs on this machine."""
+    total: float | None = None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if comm.startswith("beam"):
+            cpu = proc_cpu_seconds(int(entry.name))
+            if cpu is not None:
+                total = (total or 0.0) + cpu
+    return total
+
+
+def self_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Arrivals:
+    """What the listener saw, by sale id, on the bench process's monotonic clock."""
+
+    issued: dict[str, float] = field(default_factory=dict)
+    ceiling: dict[str, float] = field(default_factory=dict)
+    failed: Counter[str] = field(default_factory=Counter)
+    other: Counter[str] = field(default_factory=Counter)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_body(self, routing_key: str, body: bytes) -> None:
+        now = time.monotonic()
+        if routing_key == "invoice.ceiling":
+            self.ceiling[body.decode()] = now
+        else:
+            event = json.loads(body)
+            if routing_key == "invoice.issued":
+                self.issued.setdefault(str(event.get("sale_id")), now)
+            elif routing_key == "invoice.failed":
+                self.failed[str((event.get("error") or {}).get("code"))] += 1
+            else:
+                self.other[routing_key] += 1
+        self.changed.set()
+
+
+@dataclass
+class RssSeries:
+    """VmRSS samples (KiB, summed over the workers) with the progress at each sample."""
+
+    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, done, rss)
+    peak_hwm_kib: int = 0
+
+    def add(self, t: float, done: int, pids: list[int]) -> None:
+        rss = [proc_status_kib(pid, "VmRSS") for pid in pids]
+        hwm = [proc_status_kib(pid, "VmHWM") for pid in pids]
+        if any(v is None for v in rss):
+            return
+        self.samples.append((t, done, sum(v for v in rss if v is not None)))
+        self.peak_hwm_kib = max(self.peak_hwm_kib, max((v or 0) for v in hwm))
+
+    def at_progress(self, fraction: float, total: int) -> int | None:
+        """The first sample taken once ``fraction`` of the sales were done."""
+        for _, done, rss in self.samples:
+            if done >= fraction * total:
+                return rss
+        return self.samples[-1][2] if self.samples else None
+
+    def max_between(self, lo: float, hi: float, total: int) -> int | None:
+        values = [rss for _, done, rss in self.samples if lo * total <= done <= hi * total]
+        return max(values) if values else None
+
+
+@dataclass
+class Phase:
+    """One timed pass (the worker, or the bare loop) over the same sales."""
+
+    name: str
+    count: int
+    started: float
+    published: dict[str, float]
+    arrived: dict[str, float]
+    cpu_seconds: float | None = None
+    bench_cpu_seconds: float | None = None
+    broker_cpu_seconds: float | None = None
+    preloaded: bool = True
+
+    @property
+    def done(self) -> int:
+        return len(self.arrived)
+
+    @property
+    def seconds(self) -> float:
+        if not self.arrived:
+            return math.nan
+        last = max(self.arrived.values())
+        if self.preloaded:
+            return last - min(self.arrived.values())
+        return last - min(self.published.values())
+
+    @property
+    def throughput(self) -> float:
+        # Pre-loaded: n-1 intervals between the first and the last arrival.
+        n = self.done - 1 if self.preloaded else self.done
+        return n / self.seconds if self.seconds and self.seconds > 0 else math.nan
+
+    def latencies_ms(self, second_half: bool = False) -> list[float]:
+        """Published → arrived, ms; ``second_half``: only the sales published last (warm)."""
+        since = percentile(list(self.published.values()), 50) if second_half else -math.inf
+        return [
+            (t - self.published[sale]) * 1000
+            for sale, t in self.arrived.items()
+            if sale in self.published and self.published[sale] >= since
+        ]
+
+    def cpu_ms_per_sale(self, cpu: float | None) -> float:
+        return cpu * 1000 / self.done if cpu is not None and self.done else math.nan
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    options: BenchOptions
+    run_id: str
+    worker: Phase
+    ceiling: Phase | None
+    requests: Counter[str]
+    rss: RssSeries
+    failed: Counter[str]
+    dead_lettered: int
+    worker_warnings: int
+    ready_skew: float
+    machine: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.worker.done == self.options.sales
+
+    def requests_per_sale(self) -> float:
+        return sum(self.requests.values()) / self.worker.done if self.worker.done else math.nan
+
+    def concurrency_bound(self) -> float:
+        """prefetch × processes / (requests per sale × latency): the most a worker can do when
+        it only waits for the provider."""
+        rps = self.requests_per_sale()
+        if self.options.latency <= 0 or not rps:
+            return math.inf
+        return self.options.prefetch * self.options.processes / (rps * self.options.latency)
+
+    def render(self) -> str:
+        o, w, c = self.options, self.worker, self.ceiling
+        lat = w.latencies_ms()
+        how = "pre-loaded queue" if w.preloaded else f"published at {o.rate:g}/s"
+        rows: list[tuple[str, str]] = [
+            ("run", f"bench.{self.run_id} ({how}; {self.machine})"),
+            ("sales issued", f"{w.done} / {o.sales}"),
+            ("worker throughput", f"{w.throughput:,.0f} sales/s over {w.seconds:.2f} s"),
+        ]
+        if c is not None:
+            ratio = w.throughput / c.throughput if c.throughput else math.nan
+            rows += [
+                (
+                    "ceiling (bare aio-pika loop)",
+                    f"{c.throughput:,.0f} msg/s over {c.seconds:.2f} s "
+                    f"({self._ceiling_calls()} HTTP call(s)/msg)",
+                ),
+                ("worker / ceiling", f"{ratio:.0%}"),
+            ]
+        if o.latency > 0:
+            bound = self.concurrency_bound()
+            rows.append(
+                (
+                    "concurrency bound",
+                    f"{bound:,.0f} sales/s = {o.prefetch}×{o.processes} / "
+                    f"({self.requests_per_sale():.2f} req × {o.latency:g} s)"
+                    + (f"; worker at {w.throughput / bound:.0%}" if w.preloaded else ""),
+                )
+            )
+        label = "latency p50 / p99" + (" (incl. queue wait)" if w.preloaded else "")
+        rows.append((label, f"{percentile(lat, 50):,.1f} / {percentile(lat, 99):,.1f} ms"))
+        if not w.preloaded:
+            late = w.latencies_ms(second_half=True)
+            rows.append(
+                (
+                    "  2nd half (warm) p50 / p99",
+                    f"{percentile(late, 50):,.1f} / {percentile(late, 99):,.1f} ms",
+                )
+            )
+        if not w.preloaded and o.latency > 0:
+            floor = self.requests_per_sale() * o.latency * 1000
+            rows.append(
+                (
+                    "p99 beyond provider calls",
+                    f"{percentile(lat, 99) - floor:,.1f} ms (p50 {percentile(lat, 50) - floor:,.1f}"
+                    f" ms; provider floor {floor:,.0f} ms)",
+                )
+            )
+        rows.append(("provider requests / sale", self._requests_text()))
+        mid = self.rss.at_progress(0.5, o.sales)
+        end = self.rss.at_progress(1.0, o.sales)
+        second_half = self.rss.max_between(0.5, 1.0, o.sales)
+        rows.append(
+            (
+                "worker RSS",
+                f"peak VmHWM {self.rss.peak_hwm_kib / 1024:,.1f} MiB (max over processes); "
+                f"VmRSS (sum) at 50% {_mib(mid)}, at 100% {_mib(end)}, "
+                f"max in 2nd half {_mib(second_half)}",
+            )
+        )
+        rows.append(
+            (
+                "CPU ms / sale",
+                f"worker {w.cpu_ms_per_sale(w.cpu_seconds):.2f}, bench+sandboxes "
+                f"{w.cpu_ms_per_sale(w.bench_cpu_seconds):.2f}, broker "
+                f"{w.cpu_ms_per_sale(w.broker_cpu_seconds):.2f}",
+            )
+        )
+        if c is not None:
+            rows.append(
+                (
+                    "ceiling CPU ms / msg",
+                    f"loop {c.cpu_ms_per_sale(c.cpu_seconds):.2f}, bench+server "
+                    f"{c.cpu_ms_per_sale(c.bench_cpu_seconds):.2f}, broker "
+                    f"{c.cpu_ms_per_sale(c.broker_cpu_seconds):.2f}",
+                )
+            )
+        failed = ", ".join(f"{k}×{v}" for k, v in self.failed.items()) or "none"
+        rows.append(("invoice.failed / dead-lettered", f"{failed} / {self.dead_lettered}"))
+        if self.worker_warnings:
+            rows.append(("worker warning/error lines", str(self.worker_warnings)))
+        if o.processes > 1:
+            rows.append(("workers ready within", f"{self.ready_skew * 1000:.0f} ms of each other"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"repeat: {o.command_line()}")
+        return "\n".join(lines)
+
+    def _ceiling_calls(self) -> int:
+        return ceiling_calls(self.requests_per_sale())
+
+    def _requests_text(self) -> str:
+        if not self.worker.done:
+            return "-"
+        detail = ", ".join(
+            f"{op} {n / self.worker.done:.3f}" for op, n in sorted(self.requests.items())
+        )
+        return f"{self.requests_per_sale():.3f} ({detail})"
+
+
+def ceiling_calls(requests_per_sale: float) -> int:
+    if math.isnan(requests_per_sale):
+        return 1
+    return max(1, round(requests_per_sale))
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:,.1f} MiB"
+
+
+def machine_line() -> str:
+    return f"{os.cpu_count()} CPU, Python {sys.version.split()[0]}"
+
+
+def _customer(i: int, run_id: str, new_fraction: float, rng: random.Random) -> dict[str, Any]:
+    from worker.samples import COMPANY, PERSON
+
+    if rng.random() < new_fraction:
+        return {
+            **PERSON,
+            "name": f"Vendég {run_id} {i}",
+            "email": f"guest-{run_id}-{i}@example.hu",
+        }
+    return COMPANY if i % 2 else PERSON
+
+
+def make_sales(
+    options: BenchOptions, run_id: str, tenants: list[str]
+) -> list[tuple[str, str, bytes]]:
+    """(sale id, message id, body) of every sale.paid, in publishing order."""
+    from worker.samples import paid_event
+
+    rng = random.Random(run_id)
+    sales: list[tuple[str, str, bytes]] = []
+    for i in range(options.sales):
+        sale_id = f"B-{run_id}-{i:07d}"
+        event = paid_event(
+            tenants[i % len(tenants)],
+            sale_id,
+            customer=_customer(i, run_id, options.new_customers, rng),
+        )
+        sales.append((sale_id, event["event_id"], json.dumps(event).encode()))
+    return sales
+
+
+def connections_toml(tenants: dict[str, tuple[str, str]]) -> str:
+    lines: list[str] = []
+    for tenant_id, (provider, secret) in tenants.items():
+        lines.append(f'[tenants."{tenant_id}"]')
+        lines.append(f'provider = "{provider}"')
+        if provider == "billingo":
+            lines += [f'api_key = "{secret}"', "block_id = 111"]
+        else:
+            lines += [f'agent_key = "{secret}"', 'invoice_prefix = "BENCH"']
+        lines.append("")
+    return "\n".join(lines)
+
+
+def worker_environ(settings: Settings, http_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICING_")}
+    for name, value in settings.model_dump().items():
+        env[f"INVOICING_{name.upper()}"] = str(value)
+    env["INVOICING_HTTP_PORT"] = str(http_port)
+    env["INVOICING_HTTP_HOST"] = "127.0.0.1"
+    return env
+
+
+def _python_argv(uvloop: bool, *args: str) -> list[str]:
+    """``python -m worker ARGS``, or the same under uvloop (no change to the worker code)."""
+    if not uvloop:
+        return [sys.executable, "-m", "worker", *args]
+    code = (
+        "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+        "from worker.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code, *args]
+
+
+async def _ready(port: int) -> bool:
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r,
+        ):
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def _wait_ready(
+    procs: list[asyncio.subprocess.Process], ports: list[int], timeout: float
+) -> list[float]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    ready_at: dict[int, float] = {}
+    while len(ready_at) < len(ports):
+        for i, port in enumerate(ports):
+            if i in ready_at:
+                continue
+            if procs[i].returncode is not None:
+                raise BenchError(f"worker {i} exited with {procs[i].returncode} before ready")
+            if await _ready(port):
+                ready_at[i] = time.monotonic()
+        if loop.time() > deadline:
+            raise BenchError(f"workers not ready within {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+    return [ready_at[i] for i in range(len(ports))]
+
+
+async def _publish_all(
+    channel: Any, exchange: str, routing_key: str, sales: list[tuple[str, str, bytes]]
+) -> dict[str, float]:
+    """Confirmed, persistent publishes, 256 at a time; the publish time of each sale."""
+    import aio_pika
+
+    ex = await channel.get_exchange(exchange) if exchange else channel.default_exchange
+    published: dict[str, float] = {}
+
+    async def one(sale_id: str, message_id: str, body: bytes) -> None:
+        published[sale_id] = time.monotonic()
+        await ex.publish(
+            aio_pika.Message(
+                body=body,
+                content_type="application/json",
+                message_id=message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=routing_key,
+        )
+
+    for start in range(0, len(sales), 256):
+        await asyncio.gather(*(one(*s) for s in sales[start : start + 256]))
+    return published
+
+
+async def _publish_at_rate(
+    channel: Any, exchange: str, sales: list[tuple[str, str, bytes]], rate: float
+) -> dict[str, float]:
+    import aio_pika
+
+    ex = await channel.get_exchange(exchange)
+    published: dict[str, float] = {}
+    pending: set[asyncio.Task[Any]] = set()
+    t0 = time.monotonic()
+    for i, (sale_id, message_id, body) in enumerate(sales):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        published[sale_id] = time.monotonic()
+        task = asyncio.ensure_future(
+            ex.publish(
+                aio_pika.Message(
+                    body=body,
+                    content_type="application/json",
+                    message_id=message_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key="sale.paid",
+            )
+        )
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    return published
+
+
+async def _wait_arrivals(
+    arrivals: Arrivals,
+    arrived: dict[str, float],
+    expected: int,
+    stall_seconds: float,
+    tick: Callable[[int], None] | None = None,
+) -> None:
+    """Until ``expected`` arrivals (or sales failed for good), or no progress for a while."""
+    last_progress, last_count = time.monotonic(), -1
+    while True:
+        count = len(arrived) + sum(arrivals.failed.values())
+        if len(arrived) >= expected:
+            return
+        now = time.monotonic()
+        if count != last_count:
+            last_progress, last_count = now, count
+        elif now - last_progress > stall_seconds:
+            return
+        if tick is not None:
+            tick(len(arrived))
+        arrivals.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrivals.changed.wait(), timeout=0.25)
+
+
+async def _sample_rss(
+    rss: RssSeries, pids: list[int], progress: dict[str, float], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        rss.add(time.monotonic(), len(progress), pids)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.2)
+    rss.add(time.monotonic(), len(progress), pids)
+
+
+async def _stop_process(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def _start_py_spy(path: str, pid: int) -> asyncio.Future[asyncio.subprocess.Process] | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        print("py-spy not found; not profiling", file=sys.stderr)
+        return None
+    return asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "--output",
+            path,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    )
+
+
+async def run_bench(options: BenchOptions, base: Settings) -> Report:
+    import aio_pika
+
+    from providers.billingo.sandbox import BillingoSandbox
+    from providers.szamlazz.sandbox import SzamlazzSandbox
+
+    run_id = uuid.uuid4().hex[:8]
+    tmp = Path(tempfile.mkdtemp(prefix=f"invoicing-bench-{run_id}-"))
+    billingo = BillingoSandbox(rate_limit_per_minute=0)
+    szamlazz = SzamlazzSandbox()
+    billingo.plan.latency = szamlazz.plan.latency = options.latency
+    tenants: dict[str, tuple[str, str]] = {}
+    for i in range(options.tenants):
+        provider = options.provider
+        if provider == "both":
+            provider = "billingo" if i % 2 == 0 else "szamlazz"
+        secret = f"bench-{run_id}-{i}-{uuid.uuid4().hex[:8]}"
+        tenants[f"bench-{run_id}-t{i}"] = (provider, secret)
+        if provider == "billingo":
+            billingo.add_account(secret, block_ids=(111,))
+        else:
+            szamlazz.add_account(secret, prefixes=("BENCH",))
+    connections = tmp / "connections.toml"
+    connections.write_text(connections_toml(tenants), encoding="utf-8")
+    settings = base.model_copy(
+        update={
+            "exchange": f"bench.{run_id}.bookinda",
+            "queue": f"bench.{run_id}.sales",
+            "dead_letter_queue": f"bench.{run_id}.dead",
+            "connections_file": str(connections),
+            "ledger_url": options.ledger_url or f"sqlite:///{tmp / 'ledger.db'}",
+            "billingo_url": await billingo.start(),
+            "szamlazz_url": await szamlazz.start(),
+            "prefetch": options.prefetch,
+            "log_level": options.log_level,
+        }
+    )
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    except Exception as exc:
+        await billingo.stop()
+        await szamlazz.stop()
+        raise BenchError(f"cannot reach RabbitMQ: {exc}") from exc
+    procs: list[asyncio.subprocess.Process] = []
+    ceiling_queue = f"bench.{run_id}.ceiling"
+    notes: list[str] = []
+    try:
+        from worker.topology import declare
+
+        await declare(connection, settings)
+        channel = await connection.channel(publisher_confirms=True)
+        arrivals = Arrivals()
+        listen = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await listen.bind(settings.exchange, routing_key="invoice.*")
+        await listen.bind(settings.exchange, routing_key="connection.*")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrivals.on_body(message.routing_key or "", message.body)
+
+        await listen.consume(on_message, no_ack=True)
+        sales = make_sales(options, run_id, list(tenants))
+
+        ports = [free_port() for _ in range(options.processes)]
+        logs = [tmp / f"worker-{i}.log" for i in range(options.processes)]
+
+        async def spawn() -> None:
+            for port, log in zip(ports, logs, strict=True):
+                with log.open("ab") as out:
+                    procs.append(
+                        await asyncio.create_subprocess_exec(
+                            *_python_argv(options.uvloop, "run"),
+                            env=worker_environ(settings, port),
+                            stdout=out,
+                            stderr=asyncio.subprocess.STDOUT,
+                        )
+                    )
+
+        preloaded = options.rate <= 0
+        if preloaded:
+            published = await _publish_all(channel, settings.exchange, "sale.paid", sales)
+            await spawn()
+            ready = await _wait_ready(procs, ports, 60)
+        else:
+            await spawn()
+            ready = await _wait_ready(procs, ports, 60)
+            published = {}
+        pids = [p.pid for p in procs]
+        spy = _start_py_spy(options.py_spy, pids[0]) if options.py_spy else None
+        cpu0 = [proc_cpu_seconds(pid) or 0.0 for pid in pids]
+        bench0, broker0 = self_cpu_seconds(), broker_cpu_seconds()
+        rss = RssSeries()
+        stop = asyncio.Event()
+        sampler = asyncio.ensure_future(_sample_rss(rss, pids, arrivals.issued, stop))
+        started = time.monotonic()
+        if not preloaded:
+            published.update(
+                await _publish_at_rate(channel, settings.exchange, sales, options.rate)
+            )
+        await _wait_arrivals(arrivals, arrivals.issued, options.sales, options.stall_seconds)
+        cpu1 = [proc_cpu_seconds(pid) or 0.0 for pid in pids]
+        bench1, broker1 = self_cpu_seconds(), broker_cpu_seconds()
+        stop.set()
+        await sampler
+        if spy is not None:
+            spy_proc = await spy
+            await _stop_process(spy_proc, signal.SIGINT)
+        worker = Phase(
+            "worker",
+            options.sales,
+            started,
+            published,
+            dict(arrivals.issued),
+            cpu_seconds=sum(cpu1) - sum(cpu0),
+            bench_cpu_seconds=bench1 - bench0,
+            broker_cpu_seconds=(broker1 - broker0) if broker0 and broker1 else None,
+            preloaded=preloaded,
+        )
+        for proc in procs:
+            await _stop_process(proc)
+        requests: Counter[str] = Counter()
+        for sandbox in (billingo, szamlazz):
+            for r in sandbox.plan.requests:
+                requests[r.operation] += 1
+        dead = await channel.declare_queue(settings.dead_letter_queue, passive=True)
+        dead_count = int(dead.declaration_result.message_count or 0)
+        warnings = sum(
+            1
+            for log in logs
+            for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+            if '"level": "warning"' in line or '"level": "error"' in line
+        )
+        if worker.done < options.sales:
+            notes.append(
+                f"stalled: {options.sales - worker.done} sales without invoice.issued after "
+                f"{options.stall_seconds:g}s without progress; logs in {tmp}"
+            )
+        ceiling: Phase | None = None
+        if options.ceiling and worker.done:
+            calls = ceiling_calls(sum(requests.values()) / worker.done)
+            ceiling = await _run_ceiling(
+                options, settings, channel, ceiling_queue, sales, calls, arrivals
+            )
+        if options.py_spy:
+            notes.append(f"py-spy raw profile of worker 0: {options.py_spy}")
+        return Report(
+            options=options,
+            run_id=run_id,
+            worker=worker,
+            ceiling=ceiling,
+            requests=requests,
+            rss=rss,
+            failed=arrivals.failed,
+            dead_lettered=dead_count,
+            worker_warnings=warnings,
+            ready_skew=max(ready) - min(ready),
+            machine=machine_line(),
+            notes=notes,
+        )
+    finally:
+        for proc in procs:
+            await _stop_process(proc, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await _delete_topology(connection, settings, ceiling_queue)
+        await connection.close()
+        await billingo.stop()
+        await szamlazz.stop()
+        if options.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _delete_topology(connection: Any, settings: Settings, ceiling_queue: str) -> None:
+    from worker.topology import Names
+
+    names = Names.from_settings(settings)
+    channel = await connection.channel()
+    queues = [names.queue, names.dead_letter_queue, ceiling_queue]
+    queues += [name for _, name in names.delay_queues]
+    for queue in queues:
+        await channel.queue_delete(queue)
+    for exchange in (names.exchange, names.dead_letter_exchange):
+        await channel.exchange_delete(exchange)
+    await channel.close()
+
+
+# --- the ceiling: a bare aio-pika loop -------------------------------------------------------
+
+#: About the size of a Billingo document answer.
+_ANSWER = {"id": 1, "invoice_number": "BENCH-2026-000001", "padding": "x" * 900}
+
+
+async def _run_ceiling(
+    options: BenchOptions,
+    settings: Settings,
+    channel: Any,
+    queue_name: str,
+    sales: list[tuple[str, str, bytes]],
+    calls: int,
+    arrivals: Arrivals,
+) -> Phase:
+    """Pre-load the same bodies into a quorum queue of the same kind, then run the bare loop
+    in a subprocess (its own CPU, like the worker) against a minimal local aiohttp server."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if options.latency > 0:
+            await asyncio.sleep(options.latency)
+        return web.json_response(_ANSWER)
+
+    app = web.Application()
+    app.router.add_post("/call", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        ceiling_sales = [(sale_id, mid, body) for sale_id, mid, body in sales]
+        published = await _publish_all(channel, "", queue_name, ceiling_sales)
+        spec = {
+            "amqp_url": settings.amqp_url,
+            "queue": queue_name,
+            "exchange": settings.exchange,
+            "prefetch": options.prefetch,
+            "count": len(sales),
+            "calls": calls,
+            "url": f"http://127.0.0.1:{port}/call",
+        }
+        argv = (
+            [sys.executable, "-c", _UVLOOP_CEILING, CEILING_FLAG, json.dumps(spec)]
+            if options.uvloop
+            else [sys.executable, "-m", "worker.bench", CEILING_FLAG, json.dumps(spec)]
+        )
+        bench0, broker0 = self_cpu_seconds(), broker_cpu_seconds()
+        proc = await asyncio.create_subprocess_exec(*argv)
+        started = time.monotonic()
+        # The loop's CPU from its first message on (not its interpreter start and imports).
+        first_cpu: list[float] = []
+
+        def tick(count: int) -> None:
+            if count and not first_cpu:
+                first_cpu.append(proc_cpu_seconds(proc.pid) or 0.0)
+
+        await _wait_arrivals(arrivals, arrivals.ceiling, len(sales), options.stall_seconds, tick)
+        bench1, broker1 = self_cpu_seconds(), broker_cpu_seconds()
+        end_cpu = proc_cpu_seconds(proc.pid)
+        loop_cpu = end_cpu - first_cpu[0] if end_cpu is not None and first_cpu else None
+        await _stop_process(proc)
+        return Phase(
+            "ceiling",
+            len(sales),
+            started,
+            published,
+            dict(arrivals.ceiling),
+            cpu_seconds=loop_cpu,
+            bench_cpu_seconds=bench1 - bench0,
+            broker_cpu_seconds=(broker1 - broker0) if broker0 and broker1 else None,
+        )
+    finally:
+        await runner.cleanup()
+
+
+_UVLOOP_CEILING = (
+    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+    "from worker.bench import ceiling_main; sys.exit(ceiling_main(sys.argv[1:]))"
+)
+
+
+async def ceiling_loop(spec: dict[str, Any]) -> None:
+    """consume → ``calls`` HTTP POSTs of the body → confirmed publish → ack, until ``count``."""
+    import aio_pika
+    import aiohttp
+
+    done = asyncio.Event()
+    handled = 0
+    connection = await aio_pika.connect(spec["amqp_url"], timeout=10)
+    # limit=0: no connection cap, so the ceiling is the loop's own, not aiohttp's default 100.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=spec["prefetch"])
+        exchange = await channel.get_exchange(spec["exchange"])
+        queue = await channel.get_queue(spec["queue"])
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal handled
+            event = json.loads(message.body)
+            for _ in range(spec["calls"]):
+                async with session.post(spec["url"], data=message.body) as response:
+                    json.loads(await response.read())
+            await exchange.publish(
+                aio_pika.Message(
+                    body=event["sale"]["id"].encode(),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key="invoice.ceiling",
+            )
+            await message.ack()
+            handled += 1
+            if handled >= spec["count"]:
+                done.set()
+
+        await queue.consume(on_message)
+        await done.wait()
+    finally:
+        await session.close()
+        await connection.close()
+
+
+def ceiling_main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != CEILING_FLAG:
+        print(f"usage: python -m worker.bench {CEILING_FLAG} SPEC_JSON", file=sys.stderr)
+        return 2
+    asyncio.run(ceiling_loop(json.loads(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(ceiling_main(sys.argv[1:]))
