@@ -212,7 +212,9 @@ class Env:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     run = uuid.uuid4().hex[:10]
-    billingo, szamlazz = BillingoSandbox(seed=1), SzamlazzSandbox(seed=1)
+    # No per-key rate limit (sandbox) or pacing (worker) unless a test asks for them: the
+    # batches here would otherwise take minutes at Billingo's 300 requests a minute.
+    billingo, szamlazz = BillingoSandbox(seed=1, rate_limit_per_minute=0), SzamlazzSandbox(seed=1)
     settings = Settings(
         amqp_url=AMQP_URL,
         exchange=f"test.{run}.bookinda",
@@ -231,6 +233,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         lease_seconds=10.0,
         shutdown_grace_seconds=5.0,
         prefetch=32,
+        billingo_requests_per_minute=0,
     )
     (tmp_path / "connections.toml").write_text("", encoding="utf-8")
     connection = await aio_pika.connect(AMQP_URL)

@@ -173,10 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.log_level)
     func: Command = args.func
     try:
-        code = asyncio.run(func(args, settings))
+        code = _run_loop(func(args, settings), settings.uvloop)
     except KeyboardInterrupt:
         code = 130
     return code
+
+
+def _run_loop(main: Coroutine[Any, Any, int], use_uvloop: bool) -> int:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 if __name__ == "__main__":

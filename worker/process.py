@@ -9,10 +9,11 @@ the message again. Nothing is acked before what it caused is durable.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -63,6 +64,8 @@ class Runtime:
     connections: ConnectionRegistry
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     policy: RetryPolicy = field(init=False)
+    #: Numbers deliveries: lease owners are unique per process (instance_id) and delivery.
+    _deliveries: Iterator[int] = field(init=False, default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.policy = RetryPolicy(
@@ -78,7 +81,7 @@ class Runtime:
             connections=self.connections,
             lease_seconds=self.settings.lease_seconds,
             max_provider_attempts=self.settings.max_provider_attempts,
-            owner=f"{self.instance_id}:{uuid.uuid4().hex[:12]}",
+            owner=f"{self.instance_id}:{next(self._deliveries)}",
             today=budapest_today,
             max_throttle_wait=self.settings.throttle_max_wait_seconds,
         )

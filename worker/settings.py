@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: int = 15
     #: Replay a tenant's dead-lettered messages when its connection becomes ACTIVE again.
     auto_replay: bool = False
+    #: Run on uvloop when it is installed (it is, on Linux): less CPU per sale.
+    uvloop: bool = True
 
     @field_validator("log_level")
     @classmethod

@@ -279,8 +279,12 @@ class BillingoProvider:
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # No pool cap: concurrency is already bounded by the worker's prefetch, and
+            # aiohttp's default of 100 connections would cap 200 ms calls at 500 sales/s.
             self._session = aiohttp.ClientSession(
-                headers={"Accept": "application/json"}, raise_for_status=False
+                headers={"Accept": "application/json"},
+                raise_for_status=False,
+                connector=aiohttp.TCPConnector(limit=0),
             )
         return self._session
 

@@ -295,7 +295,9 @@ class SzamlazzProvider:
         if session is None or session.closed:
             # unsafe=True keeps cookies of IP-address hosts (the sandbox on 127.0.0.1).
             session = aiohttp.ClientSession(
-                timeout=self._timeout, cookie_jar=aiohttp.CookieJar(unsafe=True)
+                timeout=self._timeout,
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                connector=aiohttp.TCPConnector(limit=0),  # prefetch bounds concurrency
             )
             self._sessions[key] = session
         return session
