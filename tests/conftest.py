@@ -247,6 +247,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         yield environment
     finally:
         await environment.stop_worker()
+        try:
+            await (await connection.channel()).close()
+        except Exception:  # a test restarted the broker: this connection is gone
+            with contextlib.suppress(Exception):
+                await connection.close()
+            connection = await aio_pika.connect(AMQP_URL)
         await _delete_topology(connection, Names.from_settings(settings))
         await connection.close()
         await billingo.stop()
