@@ -141,3 +141,43 @@ def test_valid_item_sets_pass_the_szamlazz_line_checks(
             currency,
         )
         assert errors == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(item_sets())
+def test_valid_item_sets_are_accepted_by_the_billingo_sandbox(
+    case: tuple[str, str, list[Item]],
+) -> None:
+    import json
+
+    from handlers.draft import build_draft
+    from handlers.messages import SalePaid
+    from providers.billingo import mapping
+    from providers.billingo.sandbox import _document_errors
+
+    provider, currency, items = case
+    if provider != "billingo":
+        return
+    conn = TenantConnection(
+        tenant_id="t", provider="billingo", secret=SecretStr("k"), currency=currency, block_id=111
+    )
+    sale = _sale(currency, items)
+    validate_sale(sale, conn)
+    event = SalePaid(
+        event_id="e",
+        event_type="sale.paid",
+        occurred_at=datetime(2026, 11, 21, tzinfo=UTC),
+        tenant_id="t",
+        sale=sale,
+    )
+    draft = build_draft(event, conn, date(2026, 11, 21))
+    mapping.validate_draft(draft)  # the client's own pre-flight agrees
+    body = mapping.document_body(
+        draft,
+        block_id=111,
+        partner_id=1,
+        conversion_rate=Decimal("1" if currency == "HUF" else "400.5"),
+        electronic=False,
+    )
+    # Through JSON, as the sandbox receives it over HTTP.
+    assert _document_errors(json.loads(json.dumps(body)), [111]) == []
