@@ -28,11 +28,15 @@ from worker.ledger.model import SaleKey, SaleRecord, SaleState
 log = structlog.get_logger(__name__)
 
 
+def _provider_of(record: SaleRecord) -> ProviderName:
+    assert record.provider is not None
+    return "szamlazz" if record.provider == "szamlazz" else "billingo"
+
+
 def issued_event(record: SaleRecord, causation_id: str) -> InvoiceIssued:
     invoice = record.invoice
     assert invoice is not None
-    assert record.provider is not None
-    provider: ProviderName = "szamlazz" if record.provider == "szamlazz" else "billingo"
+    provider = _provider_of(record)
     return InvoiceIssued(
         causation_id=causation_id,
         tenant_id=record.key.tenant_id,
@@ -50,8 +54,7 @@ def cancelled_event(record: SaleRecord, causation_id: str) -> InvoiceCancelled:
     invoice, cancellation = record.invoice, record.cancellation
     assert invoice is not None
     assert cancellation is not None
-    assert record.provider is not None
-    provider: ProviderName = "szamlazz" if record.provider == "szamlazz" else "billingo"
+    provider = _provider_of(record)
     return InvoiceCancelled(
         causation_id=causation_id,
         tenant_id=record.key.tenant_id,

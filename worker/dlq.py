@@ -42,6 +42,7 @@ from aio_pika.abc import (
 
 from handlers.errors import FIXES, ErrorCode
 from handlers.parse import peek_tenant
+from worker.publisher import copy_message
 from worker.settings import Settings
 
 H_ERROR_CODE = "x-error-code"
@@ -416,26 +417,8 @@ def replay_headers(headers: Mapping[str, Any], now: datetime) -> dict[str, Any]:
 
 
 def _republished(message: AbstractIncomingMessage, now: datetime) -> aio_pika.Message:
-    """The original body and properties, with :func:`replay_headers`.
-
-    Always persistent (a replayed sale must survive a broker restart); no expiration (the
-    broker strips it on dead-lettering anyway); no user_id (the broker checks it against the
-    connection's user, which may be another one than the publisher's).
-    """
-    return aio_pika.Message(
-        body=message.body,
-        headers=replay_headers(message.headers or {}, now),
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    """The original body and properties, with :func:`replay_headers`."""
+    return copy_message(message, replay_headers(message.headers or {}, now))
 
 
 class _Replayer:

@@ -18,6 +18,31 @@ from handlers.messages import OutEvent
 HeaderValue = Any
 
 
+def copy_message(
+    original: AbstractIncomingMessage, headers: Mapping[str, HeaderValue]
+) -> aio_pika.Message:
+    """The original body and properties with new ``headers``.
+
+    Always persistent (a parked or replayed sale must survive a broker restart); no
+    expiration (the broker strips it on dead-lettering anyway); no user_id (the broker checks
+    it against the connection's user, which may be another one than the publisher's).
+    """
+    return aio_pika.Message(
+        body=original.body,
+        headers=dict(headers),
+        content_type=original.content_type,
+        content_encoding=original.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=original.priority,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        message_id=original.message_id,
+        timestamp=original.timestamp,
+        type=original.type,
+        app_id=original.app_id,
+    )
+
+
 class Publisher:
     def __init__(self, channel: AbstractChannel, exchange: AbstractExchange, timeout: float):
         self._channel = channel
@@ -48,21 +73,7 @@ class Publisher:
     ) -> None:
         """Republish the original body and properties, unchanged, with ``headers``, straight
         to ``queue`` (a delay queue or the dead-letter queue)."""
-        message = aio_pika.Message(
-            body=original.body,
-            headers=dict(headers),
-            content_type=original.content_type,
-            content_encoding=original.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=original.priority,
-            correlation_id=original.correlation_id,
-            reply_to=original.reply_to,
-            message_id=original.message_id,
-            timestamp=original.timestamp,
-            type=original.type,
-            user_id=None,
-            app_id=original.app_id,
-        )
+        message = copy_message(original, headers)
         # mandatory=True: a delay or dead-letter queue that is missing must fail the publish
         # (and so the ack), not drop the sale.
         await self._channel.default_exchange.publish(
