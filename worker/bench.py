@@ -68,9 +68,27 @@ class BenchOptions:
     py_spy: str | None = None
     stall_seconds: float = 60.0
     keep: bool = False
+    fairness: bool = False
+    window: float = 60.0
+    sandbox_rate_limit: int = 300
 
     def command_line(self) -> str:
         """The exact command that repeats this run."""
+        if self.fairness:
+            return shlex.join(
+                [
+                    "invoicing-worker",
+                    "bench",
+                    "--fairness",
+                    f"--sales={self.sales}",
+                    f"--prefetch={self.prefetch}",
+                    f"--window={self.window:g}",
+                    f"--sandbox-rate-limit={self.sandbox_rate_limit}",
+                    f"--log-level={self.log_level}",
+                ]
+                + ([f"--ledger-url={self.ledger_url}"] if self.ledger_url else [])
+                + (["--uvloop"] if self.uvloop else [])
+            )
         argv = [
             "invoicing-worker",
             "bench",
@@ -131,7 +149,12 @@ def register(sub: Any) -> None:
         "includes the wait in the queue. With --rate the workers start first and the sales are "
         "published at that rate, so latency is the per-sale end-to-end time.",
     )
-    p.add_argument("--sales", type=_positive_int, default=5000, help="sale.paid events (5000)")
+    p.add_argument(
+        "--sales",
+        type=_positive_int,
+        default=None,
+        help="sale.paid events (5000; with --fairness: tenant A's burst, 10000)",
+    )
     p.add_argument("--tenants", type=_positive_int, default=4, help="tenants (4)")
     p.add_argument(
         "--provider",
@@ -192,12 +215,35 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, ledger)"
     )
+    fair = p.add_argument_group(
+        "fairness",
+        "--fairness: one worker process, the Billingo sandbox enforcing --sandbox-rate-limit "
+        "requests/min per key and the worker pacing at INVOICING_BILLINGO_REQUESTS_PER_MINUTE "
+        "(300); a burst of --sales sales for tenant A, then one sale for tenant B. Reports B's "
+        "publish → invoice.issued delay, 429 answers, A's drain rate over --window seconds "
+        "after B was issued, and the deferrals (message.deferred). Does not wait for A's "
+        "burst to drain; the queues are deleted afterwards.",
+    )
+    fair.add_argument("--fairness", action="store_true", help="run the fairness scenario")
+    fair.add_argument(
+        "--window",
+        type=_non_negative,
+        default=60.0,
+        help="seconds to keep measuring A after B was issued (60)",
+    )
+    fair.add_argument(
+        "--sandbox-rate-limit",
+        type=int,
+        default=300,
+        help="requests/min per key the Billingo sandbox allows in --fairness (300; 0: off)",
+    )
     p.set_defaults(func=_bench)
 
 
 def options_from(args: argparse.Namespace) -> BenchOptions:
+    sales = args.sales or (10_000 if args.fairness else 5000)
     return BenchOptions(
-        sales=args.sales,
+        sales=sales,
         tenants=args.tenants,
         provider=args.provider,
         latency=args.latency,
@@ -212,11 +258,22 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         py_spy=args.py_spy,
         stall_seconds=args.stall_seconds,
         keep=args.keep,
+        fairness=args.fairness,
+        window=args.window,
+        sandbox_rate_limit=args.sandbox_rate_limit,
     )
 
 
 async def _bench(args: argparse.Namespace, settings: Settings) -> int:
     options = options_from(args)
+    if options.fairness:
+        try:
+            fairness = await run_fairness(options, settings)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(fairness.render())
+        return 0 if fairness.b_issued_after is not None else 1
     try:
         report = await run_bench(options, settings)
     except BenchError as exc:
@@ -535,8 +592,21 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:,.1f} MiB"
 
 
-def machine_line() -> str:
-    return f"{os.cpu_count()} CPU, Python {sys.version.split()[0]}"
+def machine_line(uvloop: bool = False) -> str:
+    loop = "uvloop" if uvloop else "asyncio"
+    return f"{os.cpu_count()} CPU, Python {sys.version.split()[0]}, {loop}"
+
+
+def uses_uvloop(options: BenchOptions, settings: Settings) -> bool:
+    """Whether the workers run on uvloop: ``--uvloop``, or the worker's own ``uvloop`` setting
+    (INVOICING_UVLOOP) when uvloop is installed. The bare loop then runs on it too."""
+    if not (options.uvloop or getattr(settings, "uvloop", False)):
+        return False
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _customer(i: int, run_id: str, new_fraction: float, rng: random.Random) -> dict[str, Any]:
@@ -799,8 +869,13 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
             "szamlazz_url": await szamlazz.start(),
             "prefetch": options.prefetch,
             "log_level": options.log_level,
+            # The sandboxes' rate limit is off, so is the worker's pacing: this measures the
+            # pipeline, not 300 requests/min per key (that is --fairness).
+            "billingo_requests_per_minute": 0.0,
+            "szamlazz_requests_per_minute": 0.0,
         }
     )
+    print(f"bench.{run_id}: temporary files in {tmp}", file=sys.stderr)
     try:
         connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     except Exception as exc:
@@ -919,7 +994,7 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
             dead_lettered=dead_count,
             worker_warnings=warnings,
             ready_skew=max(ready) - min(ready),
-            machine=machine_line(),
+            machine=machine_line(uses_uvloop(options, settings)),
             notes=notes,
         )
     finally:
@@ -948,6 +1023,343 @@ async def _delete_topology(connection: Any, settings: Settings, ceiling_queue: s
     for exchange in (names.exchange, names.dead_letter_exchange):
         await channel.exchange_delete(exchange)
     await channel.close()
+
+
+# --- fairness: a burst for one tenant, one sale for another ----------------------------------
+
+
+@dataclass
+class FairnessReport:
+    options: BenchOptions
+    run_id: str
+    worker_pacing_per_minute: float
+    throttle_max_wait: float
+    retry_delays: str
+    burst_publish_seconds: float
+    #: B: publish → invoice.issued, seconds (None: not issued within the stall limit).
+    b_issued_after: float | None
+    #: More B sales published during the window, and their publish → issued times (ms).
+    b_probes: int
+    b_probe_ms: list[float]
+    #: A sales issued before B was published / before B was issued / during the window.
+    a_before_b_published: int
+    a_before_b_issued: int
+    a_in_window: int
+    window_seconds: float
+    #: Billingo requests (all keys) and 429 answers: in total and inside the window.
+    requests_total: int
+    requests_in_window: int
+    status_429_total: int
+    status_429_in_window: int
+    #: The most requests any one calendar minute saw (the sandbox's fixed window).
+    busiest_minute: int
+    deferred_before_b_issued: int
+    deferred_total: int
+    deferred_tiers: Counter[str]
+    max_deferrals: int
+    rate_limited_retries: int
+    a_failed: Counter[str]
+    queue_depths: dict[str, int]
+    worker_cpu_in_window: float | None
+    broker_cpu_in_window: float | None
+    machine: str
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        o = self.options
+        w = self.window_seconds or math.nan
+        a_rate = self.a_in_window / w
+        req_rate = self.requests_in_window / w * 60
+        b = f"{self.b_issued_after:.2f} s" if self.b_issued_after is not None else "NOT issued"
+        target = "met" if self.b_issued_after is not None and self.b_issued_after < 5 else "missed"
+        tiers = ", ".join(f"{k}×{v}" for k, v in sorted(self.deferred_tiers.items())) or "none"
+        depths = ", ".join(f"{k} {v}" for k, v in self.queue_depths.items())
+        rows: list[tuple[str, str]] = [
+            (
+                "run",
+                f"bench.{self.run_id} fairness ({self.machine}); worker pacing "
+                f"{self.worker_pacing_per_minute:g}/min per key, sandbox limit "
+                f"{o.sandbox_rate_limit}/min per key, prefetch {o.prefetch}, throttle max wait "
+                f"{self.throttle_max_wait:g} s, retry ladder {self.retry_delays}",
+            ),
+            (
+                "burst",
+                f"{o.sales} sales for tenant A published in {self.burst_publish_seconds:.2f} s, "
+                "then 1 sale for tenant B",
+            ),
+            ("B publish → invoice.issued", f"{b} (target < 5 s: {target})"),
+            (
+                "B during the window",
+                f"{len(self.b_probe_ms)} of {self.b_probes} one-off B sales issued, "
+                f"p50 {percentile(self.b_probe_ms, 50):,.0f} ms, "
+                f"max {max(self.b_probe_ms, default=math.nan):,.0f} ms",
+            ),
+            (
+                "A issued",
+                f"{self.a_before_b_published} before B was published, "
+                f"{self.a_before_b_issued} before B was issued",
+            ),
+            (
+                "A drain rate in window",
+                f"{a_rate:.2f} sales/s = {a_rate * 60:.0f}/min ({self.a_in_window} in {w:.0f} s "
+                "after B was issued)",
+            ),
+            (
+                "Billingo requests",
+                f"{self.requests_total} in total; {self.requests_in_window} in the window = "
+                f"{req_rate:.0f}/min; busiest calendar minute {self.busiest_minute}",
+            ),
+            (
+                "429 answers",
+                f"{self.status_429_in_window} in the window (steady state), "
+                f"{self.status_429_total} in total; rate_limited retries "
+                f"{self.rate_limited_retries}",
+            ),
+            (
+                "deferrals (message.deferred)",
+                f"{self.deferred_total} in total, {self.deferred_before_b_issued} before B was "
+                f"issued; by delay tier: {tiers}; most deferrals of one message "
+                f"{self.max_deferrals}",
+            ),
+            (
+                "worker / broker CPU in window",
+                f"{_pct(self.worker_cpu_in_window, w)} / {_pct(self.broker_cpu_in_window, w)} "
+                "of one core",
+            ),
+            ("queues at the end", depths),
+        ]
+        if self.a_failed:
+            rows.append(("invoice.failed", ", ".join(f"{k}×{v}" for k, v in self.a_failed.items())))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"repeat: {o.command_line()}")
+        return "\n".join(lines)
+
+
+def _pct(cpu: float | None, seconds: float) -> str:
+    return "-" if cpu is None or not seconds else f"{cpu / seconds:.0%}"
+
+
+@dataclass
+class LogCounts:
+    deferred: int = 0
+    tiers: Counter[str] = field(default_factory=Counter)
+    max_deferrals: int = 0
+    rate_limited: int = 0
+
+
+def count_log_events(path: Path) -> LogCounts:
+    """``message.deferred`` (by delay tier) and ``rate_limited`` retries in a worker's log."""
+    counts = LogCounts()
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return counts
+    for line in text.splitlines():
+        if "message.deferred" not in line and "rate_limited" not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "message.deferred":
+            counts.deferred += 1
+            counts.tiers[f"{entry.get('delay', '?'):g}s"] += 1
+            counts.max_deferrals = max(counts.max_deferrals, int(entry.get("deferrals") or 0))
+        elif entry.get("event") == "retry.scheduled" and entry.get("error_code") == "rate_limited":
+            counts.rate_limited += 1
+    return counts
+
+
+def fairness_sales(
+    run_id: str, count: int, tenant_a: str, tenant_b: str
+) -> tuple[list[tuple[str, str, bytes]], tuple[str, str, bytes]]:
+    """Tenant A's burst (two customers that repeat: returning customers) and B's one sale."""
+    from worker.samples import COMPANY, PERSON, paid_event
+
+    def one(tenant: str, sale_id: str, customer: dict[str, Any]) -> tuple[str, str, bytes]:
+        event = paid_event(tenant, sale_id, customer=customer)
+        return sale_id, event["event_id"], json.dumps(event).encode()
+
+    burst = [
+        one(tenant_a, f"A-{run_id}-{i:07d}", COMPANY if i % 2 else PERSON) for i in range(count)
+    ]
+    return burst, one(tenant_b, f"B-{run_id}-only", COMPANY)
+
+
+def fairness_probe(run_id: str, n: int, tenant_b: str) -> tuple[str, str, bytes]:
+    from worker.samples import PERSON, paid_event
+
+    sale_id = f"B-{run_id}-probe-{n}"
+    event = paid_event(tenant_b, sale_id, customer=PERSON)
+    return sale_id, event["event_id"], json.dumps(event).encode()
+
+
+async def run_fairness(options: BenchOptions, base: Settings) -> FairnessReport:
+    import aio_pika
+
+    from providers.billingo.sandbox import BillingoSandbox
+    from worker.topology import Names, declare
+
+    run_id = uuid.uuid4().hex[:8]
+    tmp = Path(tempfile.mkdtemp(prefix=f"invoicing-fairness-{run_id}-"))
+    billingo = BillingoSandbox(rate_limit_per_minute=options.sandbox_rate_limit)
+    billingo.plan.latency = options.latency
+    tenant_a, tenant_b = f"bench-{run_id}-A", f"bench-{run_id}-B"
+    tenants: dict[str, tuple[str, str]] = {}
+    for tenant in (tenant_a, tenant_b):
+        secret = f"{tenant}-{uuid.uuid4().hex[:8]}"
+        tenants[tenant] = ("billingo", secret)
+        billingo.add_account(secret, block_ids=(111,))
+    connections = tmp / "connections.toml"
+    connections.write_text(connections_toml(tenants), encoding="utf-8")
+    settings = base.model_copy(
+        update={
+            "exchange": f"bench.{run_id}.bookinda",
+            "queue": f"bench.{run_id}.sales",
+            "dead_letter_queue": f"bench.{run_id}.dead",
+            "connections_file": str(connections),
+            "ledger_url": options.ledger_url or f"sqlite:///{tmp / 'ledger.db'}",
+            "billingo_url": await billingo.start(),
+            "prefetch": options.prefetch,
+            "log_level": options.log_level,
+        }
+    )
+    print(f"bench.{run_id}: temporary files in {tmp}", file=sys.stderr)
+    names = Names.from_settings(settings)
+    try:
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    except Exception as exc:
+        await billingo.stop()
+        raise BenchError(f"cannot reach RabbitMQ: {exc}") from exc
+    proc: asyncio.subprocess.Process | None = None
+    notes: list[str] = []
+    log = tmp / "worker-0.log"
+    try:
+        await declare(connection, settings)
+        channel = await connection.channel(publisher_confirms=True)
+        arrivals = Arrivals()
+        listen = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await listen.bind(settings.exchange, routing_key="invoice.*")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrivals.on_body(message.routing_key or "", message.body)
+
+        await listen.consume(on_message, no_ack=True)
+        burst, b_sale = fairness_sales(run_id, options.sales, tenant_a, tenant_b)
+        port = free_port()
+        with log.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *_python_argv(options.uvloop, "run"),
+                env=worker_environ(settings, port),
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        await _wait_ready([proc], [port], 60)
+        # Both clocks at one moment: the sandbox logs wall-clock times, the bench monotonic.
+        wall0, mono0 = time.time(), time.monotonic()
+
+        def wall(mono: float) -> float:
+            return wall0 + (mono - mono0)
+
+        published = await _publish_all(channel, settings.exchange, "sale.paid", burst)
+        burst_seconds = time.monotonic() - mono0
+        b_id = b_sale[0]
+        published.update(await _publish_all(channel, settings.exchange, "sale.paid", [b_sale]))
+        b_published = published[b_id]
+        a_before_b_published = len(arrivals.issued)
+        await _wait_arrivals_of(arrivals, b_id, max(options.stall_seconds, 120.0))
+        b_issued = arrivals.issued.get(b_id)
+        if b_issued is None:
+            notes.append(f"B not issued within {max(options.stall_seconds, 120.0):g} s")
+        window_start = b_issued if b_issued is not None else time.monotonic()
+        deferred_at_b = count_log_events(log).deferred
+        a_before_b_issued = sum(1 for s, t in arrivals.issued.items() if s != b_id)
+        cpu0, broker0 = proc_cpu_seconds(proc.pid), broker_cpu_seconds()
+        # During the window, one more B sale every 10 s: another tenant's latency while A's
+        # deferred burst keeps coming back from the delay queues (the steady state).
+        probes: dict[str, float] = {}
+        probe_at, n = window_start + 5.0, 0
+        while probe_at < window_start + options.window - 5.0:
+            await asyncio.sleep(max(0.0, probe_at - time.monotonic()))
+            probe = fairness_probe(run_id, n, tenant_b)
+            probes.update(await _publish_all(channel, settings.exchange, "sale.paid", [probe]))
+            probe_at, n = probe_at + 10.0, n + 1
+        await asyncio.sleep(max(0.0, window_start + options.window - time.monotonic()))
+        window_end = time.monotonic()
+        b_ids = {b_id, *probes}
+        cpu1, broker1 = proc_cpu_seconds(proc.pid), broker_cpu_seconds()
+        a_in_window = sum(
+            1
+            for s, t in arrivals.issued.items()
+            if s not in b_ids and window_start < t <= window_end
+        )
+        probe_ms = [
+            (arrivals.issued[s] - t) * 1000 for s, t in probes.items() if s in arrivals.issued
+        ]
+        requests = list(billingo.plan.requests)
+        lo, hi = wall(window_start), wall(window_end)
+        in_window = [r for r in requests if lo < r.at <= hi]
+        minutes = Counter(int(r.at // 60) for r in requests)
+        depths: dict[str, int] = {}
+        for queue in (names.queue, *(n for _, n in names.delay_queues), names.dead_letter_queue):
+            declared = await channel.declare_queue(queue, passive=True)
+            depths[queue.removeprefix(f"bench.{run_id}.")] = int(
+                declared.declaration_result.message_count or 0
+            )
+        await _stop_process(proc)
+        counts = count_log_events(log)
+        return FairnessReport(
+            options=options,
+            run_id=run_id,
+            worker_pacing_per_minute=settings.billingo_requests_per_minute,
+            throttle_max_wait=settings.throttle_max_wait_seconds,
+            retry_delays=settings.retry_delays,
+            burst_publish_seconds=burst_seconds,
+            b_issued_after=(b_issued - b_published) if b_issued is not None else None,
+            b_probes=len(probes),
+            b_probe_ms=probe_ms,
+            a_before_b_published=a_before_b_published,
+            a_before_b_issued=a_before_b_issued,
+            a_in_window=a_in_window,
+            window_seconds=window_end - window_start,
+            requests_total=len(requests),
+            requests_in_window=len(in_window),
+            status_429_total=sum(1 for r in requests if r.status == 429),
+            status_429_in_window=sum(1 for r in in_window if r.status == 429),
+            busiest_minute=max(minutes.values(), default=0),
+            deferred_before_b_issued=deferred_at_b,
+            deferred_total=counts.deferred,
+            deferred_tiers=counts.tiers,
+            max_deferrals=counts.max_deferrals,
+            rate_limited_retries=counts.rate_limited,
+            a_failed=arrivals.failed,
+            queue_depths=depths,
+            worker_cpu_in_window=(cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None,
+            broker_cpu_in_window=(broker1 - broker0) if broker0 and broker1 else None,
+            machine=machine_line(uses_uvloop(options, settings)),
+            notes=notes,
+        )
+    finally:
+        if proc is not None:
+            await _stop_process(proc, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await _delete_topology(connection, settings, f"bench.{run_id}.ceiling")
+        await connection.close()
+        await billingo.stop()
+        if options.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _wait_arrivals_of(arrivals: Arrivals, sale_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while sale_id not in arrivals.issued and time.monotonic() < deadline:
+        arrivals.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrivals.changed.wait(), timeout=0.25)
 
 
 # --- the ceiling: a bare aio-pika loop -------------------------------------------------------
@@ -996,7 +1408,7 @@ async def _run_ceiling(
         }
         argv = (
             [sys.executable, "-c", _UVLOOP_CEILING, CEILING_FLAG, json.dumps(spec)]
-            if options.uvloop
+            if uses_uvloop(options, settings)
             else [sys.executable, "-m", "worker.bench", CEILING_FLAG, json.dumps(spec)]
         )
         bench0, broker0 = self_cpu_seconds(), broker_cpu_seconds()
