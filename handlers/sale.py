@@ -129,7 +129,7 @@ async def _issue(
         if found is not None:
             log.info("invoice.found", document_id=found.document_id)
             return await ctx.ledger.record_issued(
-                key, ctx.owner, event.event_id, provider.name, found, found=True
+                key, ctx.owner, event.event_id, provider.name, found, found=True, release=True
             )
     _attempts_left(record.issue_attempts, provider, ctx, "the invoice")
     draft = build_draft(event, conn, ctx.today())
@@ -143,7 +143,7 @@ async def _issue(
         raise
     # Recorded before invoice.issued is published: a crash now re-announces, never re-creates.
     record = await ctx.ledger.record_issued(
-        key, ctx.owner, event.event_id, provider.name, invoice, found=False
+        key, ctx.owner, event.event_id, provider.name, invoice, found=False, release=True
     )
     log.info(
         "invoice.issued", document_id=invoice.document_id, invoice_number=invoice.invoice_number
@@ -214,6 +214,7 @@ async def _void(event: SaleStorno, record: SaleRecord, ctx: Context) -> Handled:
         ctx.owner,
         event.event_id,
         "storno before any invoice existed" if was_new else "pending issue abandoned by storno",
+        release=True,
     )
     if was_new:
         raise InvoicingError(
@@ -256,7 +257,7 @@ async def _cancel(
         found = await provider.find_cancellation(conn, invoice, request)
         if found is not None:
             return await ctx.ledger.record_cancelled(
-                key, ctx.owner, event.event_id, found, found=True
+                key, ctx.owner, event.event_id, found, found=True, release=True
             )
     _attempts_left(record.cancel_attempts, provider, ctx, "the cancellation")
     await ctx.ledger.start_cancel(key, ctx.owner, event.event_id)
@@ -273,5 +274,5 @@ async def _cancel(
         cancellation_id=cancellation.document_id,
     )
     return await ctx.ledger.record_cancelled(
-        key, ctx.owner, event.event_id, cancellation, found=False
+        key, ctx.owner, event.event_id, cancellation, found=False, release=True
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +33,7 @@ from worker.ledger import (
     open_ledger,
     sqlite_path,
 )
+from worker.ledger import sqlite as sqlite_ledger
 from worker.ledger.postgres import PostgresLedger
 from worker.ledger.schema import MIGRATIONS
 from worker.ledger.sqlite import SqliteLedger
@@ -415,3 +418,243 @@ async def test_sqlite_memory_url_works() -> None:
 
 def test_format_history_empty() -> None:
     assert format_history([]) == "(no history)"
+
+
+# --------------------------------------------------------------------------- release=True
+
+
+async def test_terminal_transition_can_end_the_lease(
+    make_ledger: LedgerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_ledger(), await make_ledger()  # two workers on one store
+    issued, cancelled, voided, failed = _key("S-i"), _key("S-c"), _key("S-v"), _key("S-f")
+    for key in (issued, cancelled, voided, failed):
+        assert await a.acquire(key, "w1", 30) is not None
+    await a.start_issue(issued, "w1", "billingo", "ev")
+    rec = await a.record_issued(issued, "w1", "ev", "billingo", INVOICE, found=False, release=True)
+    assert rec.state is SaleState.ISSUED
+    assert rec.invoice == INVOICE
+
+    await a.start_issue(cancelled, "w1", "billingo", "ev")
+    await a.record_issued(cancelled, "w1", "ev", "billingo", INVOICE, found=False)
+    await a.start_cancel(cancelled, "w1", "ev2")
+    rec = await a.record_cancelled(cancelled, "w1", "ev2", STORNO, found=False, release=True)
+    assert rec.state is SaleState.CANCELLED
+    assert rec.cancellation == STORNO
+
+    rec = await a.record_voided(voided, "w1", "ev", "storno first", release=True)
+    assert rec.state is SaleState.VOIDED
+
+    await a.start_issue(failed, "w1", "billingo", "ev")
+    await a.record_failed(failed, "w1", "ev", "retries_exhausted", "gave up", release=True)
+
+    # The lease ended with the transition: another worker takes each sale at once...
+    for key in (issued, cancelled, voided, failed):
+        taken = await b.acquire(key, "w2", 30)
+        assert taken is not None, key
+    # ... and the old owner can do nothing more with it.
+    with pytest.raises(LeaseLost):
+        await a.start_cancel(issued, "w1", "ev3")
+    with pytest.raises(LeaseLost):
+        await a.record_failed(voided, "w1", "ev3", "x", "y")
+
+    # The caller's release() afterwards: no error, no statement, and w2's lease stays.
+    executed: list[str] = []
+    original = a._execute  # type: ignore[attr-defined]
+
+    async def spy(sql: str, params: dict[str, Any]) -> None:
+        executed.append(sql)
+        await original(sql, params)
+
+    monkeypatch.setattr(a, "_execute", spy)
+    for key in (issued, cancelled, voided, failed):
+        await a.release(key, "w1")
+    assert executed == []
+    for key in (issued, cancelled, voided, failed):
+        assert await a.acquire(key, "w3", 30) is None
+    await a.release(issued, "w1")  # only once for free; again it is a real (no-op) UPDATE
+    assert len(executed) == 1
+    assert await b.acquire(issued, "w3", 30) is None
+
+    assert [e.operation for e in await a.history("S-i")] == ["issue.requested", "issue.succeeded"]
+    assert [e.operation for e in await a.history("S-v")] == ["voided"]
+    rec2 = await b.get(failed)
+    assert rec2 is not None
+    assert rec2.state is SaleState.FAILED
+    assert rec2.issue_in_doubt
+
+
+async def test_terminal_transition_keeps_the_lease_by_default(ledger: Ledger) -> None:
+    # The storno path: a found invoice is recorded, then cancelled under the same lease.
+    key = _key()
+    assert await ledger.acquire(key, "w1", 30) is not None
+    await ledger.start_issue(key, "w1", "billingo", "ev")
+    await ledger.record_issued(key, "w1", "ev", "billingo", INVOICE, found=True)
+    assert await ledger.acquire(key, "w2", 30) is None
+    rec = await ledger.start_cancel(key, "w1", "ev2")
+    assert rec.state is SaleState.CANCEL_PENDING
+    await ledger.record_cancelled(key, "w1", "ev2", STORNO, found=False)
+    assert await ledger.acquire(key, "w2", 30) is None
+    await ledger.release(key, "w1")
+    assert await ledger.acquire(key, "w2", 30) is not None
+
+
+async def test_release_true_without_the_lease_is_lease_lost(ledger: Ledger) -> None:
+    key = _key()
+    assert await ledger.acquire(key, "w1", 0.05) is not None
+    await ledger.start_issue(key, "w1", "billingo", "ev-1")
+    taken = await _wait_for(
+        lambda: ledger.acquire(key, "w2", 30), what="w2 to take over the expired lease"
+    )
+    assert taken.state is SaleState.PENDING
+    before = await ledger.history("S-1")
+    with pytest.raises(LeaseLost):
+        await ledger.record_issued(
+            key, "w1", "ev-1", "billingo", INVOICE, found=False, release=True
+        )
+    with pytest.raises(LeaseLost):
+        await ledger.record_cancelled(key, "w1", "ev-1", STORNO, found=False, release=True)
+    with pytest.raises(LeaseLost):
+        await ledger.record_voided(key, "w1", "ev-1", "late", release=True)
+    with pytest.raises(LeaseLost):
+        await ledger.record_failed(key, "w1", "ev-1", "x", "y", release=True)
+    assert await ledger.history("S-1") == before  # nothing written by the loser
+    after = await ledger.get(key)
+    assert after is not None
+    assert after.state is SaleState.PENDING
+    await ledger.release(key, "w1")  # the loser's release must not free w2's lease
+    assert await ledger.acquire(key, "w3", 30) is None
+    # w2 still holds it and may finish (and end) it.
+    await ledger.record_issued(key, "w2", "ev-2", "billingo", INVOICE, found=True, release=True)
+    assert await ledger.acquire(key, "w3", 30) is not None
+
+
+async def test_reacquired_lease_is_really_released(make_ledger: LedgerFactory) -> None:
+    # release=True remembers the lease as ended; acquiring again (same owner) must forget that,
+    # or the release() after the second round would skip its UPDATE and keep the sale locked.
+    a, b = await make_ledger(), await make_ledger()
+    key = _key()
+    assert await a.acquire(key, "w1", 30) is not None
+    await a.record_voided(key, "w1", "ev", "storno first", release=True)
+    assert await a.acquire(key, "w1", 30) is not None
+    assert await b.acquire(key, "w2", 30) is None
+    await a.release(key, "w1")
+    assert await b.acquire(key, "w2", 30) is not None
+
+
+# --------------------------------------------------------------------------- SQLite inline path
+
+
+async def test_sqlite_write_falls_back_to_the_thread_while_locked(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(str(path))
+    await ledger.open()
+    blocker = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        key = _key()
+        assert await ledger.acquire(key, "w1", 30) is not None
+        blocker.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        task = asyncio.create_task(ledger.start_issue(key, "w1", "billingo", "ev"))
+        released = asyncio.create_task(ledger.release(_key("S-other"), "w1"))
+        await asyncio.sleep(0)  # both tasks ran their inline attempts, synchronously
+        assert not task.done()  # busy inline: waiting for the lock on the thread
+        assert not released.done()
+        # Readers are not blocked by the writer (WAL), and the loop is not blocked either.
+        rec = await ledger.get(key)
+        assert rec is not None
+        assert rec.state is SaleState.NEW
+        assert not task.done()
+        blocker.execute("COMMIT")
+        rec = await asyncio.wait_for(task, timeout=10)
+        await asyncio.wait_for(released, timeout=10)
+        assert (rec.state, rec.issue_attempts, rec.issue_in_doubt) == (
+            SaleState.PENDING,
+            1,
+            True,
+        )
+        assert [e.operation for e in await ledger.history("S-1")] == ["issue.requested"]
+        # The lock is free again: the next write goes inline, completing without a thread hop.
+        inline = asyncio.create_task(ledger.issue_failed(key, "w1", "ev", "x", "y", False))
+        await asyncio.sleep(0)
+        assert inline.done()
+        await inline
+    finally:
+        blocker.close()
+        await ledger.close()
+
+
+async def test_sqlite_busy_inside_a_transaction_is_rolled_back_and_retried(tmp_path: Path) -> None:
+    # An inline attempt that fails with SQLITE_BUSY after its BEGIN must leave nothing behind:
+    # the transition (UPDATE + audit) is retried whole on the thread, exactly once.
+    ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+    await ledger.open()
+    try:
+        key = _key()
+        assert await ledger.acquire(key, "w1", 30) is not None
+        attempts: list[bool] = []
+        real_restamp = ledger._restamp
+
+        def busy_once(bound: dict[str, Any]) -> dict[str, Any]:
+            attempts.append(threading.current_thread() is threading.main_thread())
+            if len(attempts) == 1:
+                err = sqlite3.OperationalError("database is locked")
+                err.sqlite_errorcode = sqlite3.SQLITE_BUSY
+                raise err
+            return real_restamp(bound)
+
+        ledger._restamp = busy_once  # type: ignore[method-assign]
+        rec = await ledger.start_issue(key, "w1", "billingo", "ev")
+        assert attempts == [True, False]  # inline first, then the thread
+        assert rec.issue_attempts == 1
+        assert [e.operation for e in await ledger.history("S-1")] == ["issue.requested"]
+    finally:
+        await ledger.close()
+
+
+async def test_sqlite_checkpoints_run_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 3)
+    ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+    await ledger.open()
+    threads: list[str] = []
+    real_checkpoint = ledger._checkpoint
+
+    def spy(conn: sqlite3.Connection) -> None:
+        threads.append(threading.current_thread().name)
+        real_checkpoint(conn)
+
+    monkeypatch.setattr(ledger, "_checkpoint", spy)
+    try:
+        writes = 0
+
+        async def write_until_checkpointed() -> bool:
+            # A checkpoint is queued every 3rd inline commit unless one is still queued.
+            nonlocal writes
+            writes += 1
+            assert await ledger.acquire(_key(f"S-{writes}"), "w", 30) is not None
+            return len(threads) >= 2
+
+        await _wait_for(write_until_checkpointed, what="two checkpoints")
+        assert writes >= 6
+        assert all(name.startswith("ledger-sqlite") for name in threads)
+    finally:
+        await ledger.close()
+
+
+async def test_sqlite_memory_ledger_transitions_and_scans() -> None:
+    ledger = SqliteLedger(":memory:")
+    await ledger.open()
+    try:
+        key = _key()
+        assert await ledger.acquire(key, "w", 30) is not None
+        await ledger.start_issue(key, "w", "billingo", "ev")
+        await ledger.record_issued(key, "w", "ev", "billingo", INVOICE, found=False, release=True)
+        await ledger.release(key, "w")
+        assert await ledger.acquire(key, "w2", 30) is not None
+        assert [e.operation for e in await ledger.history("S-1")] == [
+            "issue.requested",
+            "issue.succeeded",
+        ]
+    finally:
+        await ledger.close()

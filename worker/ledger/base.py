@@ -3,13 +3,14 @@
 :class:`TransitionLedger` writes the state changes and readers once, in terms of the
 statements in :mod:`worker.ledger.schema` (``:name`` parameters) and a few I/O primitives.
 A backend implements only those primitives (connections, dialect rendering, parameter
-binding) plus ``open`` / ``close`` / ``acquire``; see :mod:`worker.ledger.sqlite` and
+binding) plus ``open`` / ``close`` / ``_acquire``; see :mod:`worker.ledger.sqlite` and
 :mod:`worker.ledger.postgres`.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -26,8 +27,20 @@ from worker.ledger.model import (
     SaleState,
 )
 
+#: How many leases ended by a terminal transition (``release=True``) are remembered until their
+#: ``release()``. A handler releases right after, so this holds about one entry per sale in
+#: flight; the bound only protects against callers that never release. Forgetting one is
+#: harmless: that ``release()`` runs its (no-op) UPDATE as before.
+_RELEASED_MAX = 4096
+
 
 class TransitionLedger(Ledger):
+    def __init__(self) -> None:
+        #: (key, owner) whose lease a terminal transition of this instance ended, so the
+        #: caller's ``release(key, owner)`` needs no round trip. Only the event loop thread
+        #: touches it.
+        self._released: OrderedDict[tuple[SaleKey, str], None] = OrderedDict()
+
     # ------------------------------------------------------------------ per backend
 
     @abstractmethod
@@ -37,9 +50,8 @@ class TransitionLedger(Ledger):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def acquire(
-        self, key: SaleKey, owner: str, lease_seconds: float
-    ) -> SaleRecord | None: ...
+    async def _acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+        """The lease-taking upsert (see :meth:`Ledger.acquire`)."""
 
     # ------------------------------------------------------------------ I/O primitives
 
@@ -75,8 +87,25 @@ class TransitionLedger(Ledger):
 
     # ------------------------------------------------------------------ leases
 
+    async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+        # Taken again (whatever the outcome): a later release() must really run its UPDATE.
+        self._released.pop((key, owner), None)
+        return await self._acquire(key, owner, lease_seconds)
+
     async def release(self, key: SaleKey, owner: str) -> None:
+        if (key, owner) in self._released:
+            # A terminal transition already set lease_owner = NULL in the statement that
+            # checked ``owner`` held the lease, and ``owner`` has not acquired since: the
+            # UPDATE below would match nothing.
+            del self._released[key, owner]
+            return
         await self._execute(schema.RELEASE, {**schema.key_params(key), "owner": owner})
+
+    def _remember_released(self, key: SaleKey, owner: str) -> None:
+        self._released[key, owner] = None
+        self._released.move_to_end((key, owner))
+        while len(self._released) > _RELEASED_MAX:
+            self._released.popitem(last=False)
 
     # ------------------------------------------------------------------ transitions
 
@@ -87,11 +116,14 @@ class TransitionLedger(Ledger):
         owner: str,
         values: dict[str, Any],
         audit: dict[str, Any],
+        release: bool = False,
     ) -> SaleRecord:
         params = {**values, **audit, **schema.key_params(key), "owner": owner}
-        row = await self._transition_row(t, params)
+        row = await self._transition_row(schema.releasing(t) if release else t, params)
         if row is None:
             raise LeaseLost(f"{key.external_key} is not leased by {owner}")
+        if release:
+            self._remember_released(key, owner)
         return schema.sale_from_row(row)
 
     async def _attempt_failed(
@@ -151,6 +183,8 @@ class TransitionLedger(Ledger):
         provider: str,
         invoice: IssuedInvoice,
         found: bool,
+        *,
+        release: bool = False,
     ) -> SaleRecord:
         return await self._transition(
             schema.RECORD_ISSUED,
@@ -163,6 +197,7 @@ class TransitionLedger(Ledger):
                 event_id=event_id,
                 detail=invoice.invoice_number,
             ),
+            release,
         )
 
     async def start_cancel(self, key: SaleKey, owner: str, event_id: str) -> SaleRecord:
@@ -201,6 +236,8 @@ class TransitionLedger(Ledger):
         event_id: str,
         cancellation: Cancellation,
         found: bool,
+        *,
+        release: bool = False,
     ) -> SaleRecord:
         return await self._transition(
             schema.RECORD_CANCELLED,
@@ -214,10 +251,11 @@ class TransitionLedger(Ledger):
                 document_id=cancellation.document_id,
                 detail=f"{cancellation.kind} {cancellation.invoice_number}",
             ),
+            release,
         )
 
     async def record_voided(
-        self, key: SaleKey, owner: str, event_id: str, reason: str
+        self, key: SaleKey, owner: str, event_id: str, reason: str, *, release: bool = False
     ) -> SaleRecord:
         return await self._transition(
             schema.RECORD_VOIDED,
@@ -225,6 +263,7 @@ class TransitionLedger(Ledger):
             owner,
             {},
             schema.audit_params("voided", "voided", event_id=event_id, detail=reason),
+            release,
         )
 
     async def record_failed(
@@ -234,6 +273,8 @@ class TransitionLedger(Ledger):
         event_id: str,
         error_code: str,
         message: str,
+        *,
+        release: bool = False,
     ) -> None:
         await self._transition(
             schema.RECORD_FAILED,
@@ -243,6 +284,7 @@ class TransitionLedger(Ledger):
             schema.audit_params(
                 "dead_lettered", "failed", event_id=event_id, error_code=error_code, detail=message
             ),
+            release,
         )
 
     # ------------------------------------------------------------------ reads and the rest

@@ -130,9 +130,20 @@ class Ledger(Protocol):
         Returns the record, or None while another owner holds an unexpired lease."""
         ...
 
-    async def release(self, key: SaleKey, owner: str) -> None: ...
+    async def release(self, key: SaleKey, owner: str) -> None:
+        """End ``owner``'s lease (no effect when another owner holds it). Costs no database
+        round trip when a terminal transition of this ledger already ended it (``release=True``
+        below) and ``owner`` has not acquired the sale again since."""
+        ...
 
     # Every method below raises LeaseLost when ``owner`` no longer holds the lease.
+    #
+    # The terminal ones (record_issued, record_cancelled, record_voided, record_failed) take
+    # ``release=True`` when the caller does nothing more under the lease: the same statement
+    # that records the outcome then also ends the lease, so another owner can acquire the sale
+    # at once and the caller's later ``release()`` is free. Leave it False (the default) when
+    # more transitions follow under the same lease (a storno recording a found invoice before
+    # cancelling it).
 
     async def start_issue(
         self, key: SaleKey, owner: str, provider: str, event_id: str
@@ -160,6 +171,8 @@ class Ledger(Protocol):
         provider: str,
         invoice: IssuedInvoice,
         found: bool,
+        *,
+        release: bool = False,
     ) -> SaleRecord:
         """ISSUED with the document; in_doubt cleared; audit "issue.succeeded" or "issue.found"."""
         ...
@@ -185,10 +198,12 @@ class Ledger(Protocol):
         event_id: str,
         cancellation: Cancellation,
         found: bool,
+        *,
+        release: bool = False,
     ) -> SaleRecord: ...
 
     async def record_voided(
-        self, key: SaleKey, owner: str, event_id: str, reason: str
+        self, key: SaleKey, owner: str, event_id: str, reason: str, *, release: bool = False
     ) -> SaleRecord:
         """VOIDED: no invoice may ever be issued for this generation."""
         ...
@@ -200,6 +215,8 @@ class Ledger(Protocol):
         event_id: str,
         error_code: str,
         message: str,
+        *,
+        release: bool = False,
     ) -> None:
         """FAILED (dead-lettered) unless a document exists; audit "dead_lettered"."""
         ...

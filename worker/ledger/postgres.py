@@ -51,6 +51,18 @@ def _prepared_transition(t: schema.Transition) -> _Statement:
     return _Statement.transition(t)
 
 
+async def _no_session_reset(conn: Any) -> None:
+    """The pool's reset hook: nothing beyond what asyncpg always does (roll back an open
+    transaction, drop listeners).
+
+    asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` every time a connection goes back to the pool, i.e. a second round trip after
+    each one-statement ledger call. The pool is private to this ledger and its statements leave
+    no session state behind: no session advisory locks (migrations use the transaction-scoped
+    one), cursors, LISTENs or SETs (``search_path`` is a startup parameter, which RESET ALL
+    would keep anyway)."""
+
+
 class PostgresLedger(TransitionLedger):
     def __init__(
         self,
@@ -65,6 +77,7 @@ class PostgresLedger(TransitionLedger):
         database without meeting."""
         if schema_name is not None and not _IDENTIFIER.match(schema_name):
             raise ValueError(f"invalid schema name {schema_name!r}")
+        super().__init__()
         self.url = url
         self.schema_name = schema_name
         self._min_size = min_size
@@ -111,6 +124,7 @@ class PostgresLedger(TransitionLedger):
             min_size=self._min_size,
             max_size=self._max_size,
             server_settings=server_settings,
+            reset=_no_session_reset,
         )
         try:
             await self._migrate()
@@ -146,7 +160,7 @@ class PostgresLedger(TransitionLedger):
 
     # ------------------------------------------------------------------ leases
 
-    async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+    async def _acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
         params = {**schema.key_params(key), "owner": owner, "lease_seconds": float(lease_seconds)}
         row = await self._fetch_one(_ACQUIRE, params)
         return schema.sale_from_row(row) if row is not None else None

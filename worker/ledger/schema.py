@@ -12,6 +12,7 @@ server clock, so leases between replicas on different hosts compare against one 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -227,6 +228,18 @@ RECORD_FAILED = Transition(
     f"state = CASE WHEN {_KEEP_ON_FAILURE} THEN state ELSE 'failed' END, "
     "last_error_code = :error_code"
 )
+
+#: Appended to a terminal transition's SET list when the caller is done with the sale: the
+#: lease ends in the same statement that records the outcome (the UPDATE's WHERE still checks
+#: the caller held it), which saves the separate RELEASE write.
+_END_LEASE = ", lease_owner = NULL, lease_until = NULL"
+
+
+@functools.cache
+def releasing(t: Transition) -> Transition:
+    """``t`` that also ends the caller's lease, atomically with the state change."""
+    return Transition(t.set_sql + _END_LEASE)
+
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
 

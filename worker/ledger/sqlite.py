@@ -1,10 +1,29 @@
 """The SQLite ledger: one file, one worker process (or a few on one host).
 
-All sqlite3 calls run on one dedicated thread with one connection, so the event loop never
-blocks on disk and the connection is never shared between threads. Every write is one
-``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two processes on the same
-file queue on ``busy_timeout`` instead of failing on a lock upgrade) and a method returns only
-after its COMMIT.
+Every write is one ``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two
+processes on the same file queue on the lock instead of failing on a lock upgrade) and a method
+returns only after its COMMIT.
+
+Where statements run: in WAL mode with ``synchronous=NORMAL`` a COMMIT appends to the WAL
+without an fsync, so an uncontended write transaction takes microseconds, less than handing it
+to a thread and back. Writes and point reads therefore run **inline on the event loop thread**,
+on a connection with ``busy_timeout = 0``: it never waits for a lock. When the write lock is
+held elsewhere (another process on the same file, or our own fallback thread) that attempt fails
+at once with SQLITE_BUSY, changes nothing, and the call is retried on a dedicated thread with a
+second connection that waits up to 30 s for the lock, as every call did before. Two connections
+rather than toggling ``busy_timeout`` on one: a connection's transaction state would be shared
+between the two threads (the loop's BEGIN would land inside the thread's open transaction), and
+the loop would have to wait for the thread to be done with it. Scans (history, state counts,
+uninvoiced sales, connection states) also run on that thread, so a large table never stalls the
+loop; WAL readers do not block the writer.
+
+Checkpoints never run on the loop: the loop's connection has ``wal_autocheckpoint = 0`` and,
+every ``_CHECKPOINT_EVERY`` inline commits, a PASSIVE checkpoint (it never waits for locks and
+blocks neither readers nor the writer) is queued on the thread. This keeps the checkpoint's page
+copying and its two fsyncs - the only fsyncs of WAL + NORMAL - off the loop. The trade-off: the
+WAL can grow beyond SQLite's default 1000 pages while the thread is busy (e.g. waiting for
+another process's lock), and a reader holding an old snapshot can stop a checkpoint from
+completing, exactly as with autocheckpoint.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the worker
 process crashing or being killed (the WAL is in the OS page cache and is replayed on the next
@@ -21,42 +40,118 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import structlog
+
 from worker.ledger import schema
 from worker.ledger.base import TransitionLedger
 from worker.ledger.model import SaleKey, SaleRecord
 
 T = TypeVar("T")
 
+log = structlog.get_logger(__name__)
+
 _BUSY_TIMEOUT_MS = 30_000
+#: Inline write transactions between two PASSIVE checkpoints queued on the thread. A sale's
+#: transition writes ~4 WAL pages (row, audit row, audit index, sqlite_sequence), so this keeps
+#: the WAL around SQLite's default autocheckpoint size of 1000 pages.
+_CHECKPOINT_EVERY = 250
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or one of its extended codes ("database is locked")."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn`` in one BEGIN IMMEDIATE transaction; returns after the COMMIT. On any error
+    (including a COMMIT refused with SQLITE_BUSY, which leaves the transaction open) it rolls
+    back, so nothing of a failed attempt is committed and it may be retried."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 class SqliteLedger(TransitionLedger):
     def __init__(self, path: str) -> None:
+        super().__init__()
         #: A file path, or ":memory:" (tests; gone when the ledger closes).
         self.path = path
         self._executor: ThreadPoolExecutor | None = None
+        #: Used only on the event loop thread; busy_timeout 0.
         self._conn: sqlite3.Connection | None = None
+        #: Used only on the executor thread; busy_timeout 30 s.
+        self._thread_conn: sqlite3.Connection | None = None
+        self._inline_commits = 0
+        self._checkpoint_queued = False
+
+    @property
+    def _memory(self) -> bool:
+        # A second connection to ":memory:" would be another, empty database, so one
+        # connection does both jobs. Nothing else can hold its lock: no fallback ever runs.
+        return self.path == ":memory:"
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        executor, conn = self._executor, self._conn
-        if executor is None or conn is None:
+    def _open_conns(self) -> tuple[ThreadPoolExecutor, sqlite3.Connection, sqlite3.Connection]:
+        executor, conn, thread_conn = self._executor, self._conn, self._thread_conn
+        if executor is None or conn is None or thread_conn is None:
             raise RuntimeError("ledger is not open")
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, conn)
+        return executor, conn, thread_conn
+
+    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        executor, _, thread_conn = self._open_conns()
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, thread_conn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def tx(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
+        """``fn`` in a write transaction: inline if the lock is free, else on the thread."""
+        _, conn, _ = self._open_conns()
+        try:
+            result = _transaction(conn, fn)
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
                 raise
-            conn.execute("COMMIT")
+        else:
+            self._committed_inline()
             return result
+        # Rolled back, nothing written: wait for the lock on the thread (30 s busy timeout).
+        return await self._on_thread(lambda thread_conn: _transaction(thread_conn, fn))
 
-        return await self._run(tx)
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A point read: inline, or on the thread in the rare case a WAL reader gets BUSY
+        (another connection recovering the WAL index)."""
+        _, conn, _ = self._open_conns()
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+        return await self._on_thread(fn)
+
+    def _committed_inline(self) -> None:
+        if self._memory:
+            return
+        self._inline_commits += 1
+        if self._inline_commits < _CHECKPOINT_EVERY or self._checkpoint_queued:
+            return
+        executor, _, thread_conn = self._open_conns()
+        self._inline_commits = 0
+        self._checkpoint_queued = True
+        executor.submit(self._checkpoint, thread_conn)
+
+    def _checkpoint(self, thread_conn: sqlite3.Connection) -> None:
+        # On the executor thread. PASSIVE: copies what no reader still needs, without waiting.
+        try:
+            thread_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:  # harmless: the next one (or another process's) catches up
+            log.warning("ledger.checkpoint_failed", exc_info=True)
+        finally:
+            self._checkpoint_queued = False
 
     @staticmethod
     def _now() -> datetime:
@@ -68,18 +163,29 @@ class SqliteLedger(TransitionLedger):
         bound["now"] = schema.iso(self._now())
         return bound
 
+    def _restamp(self, bound: dict[str, Any]) -> dict[str, Any]:
+        """``bound`` with ``:now`` read again inside the write transaction: a write that waited
+        for the lock on the thread checks leases against the time it holds the lock."""
+        return {**bound, "now": schema.iso(self._now())}
+
     async def _execute(self, sql: str, params: dict[str, Any]) -> None:
         bound = self._bind(params)
-        await self._write(lambda conn: conn.execute(sql, bound))
+        await self._write(lambda conn: conn.execute(sql, self._restamp(bound)))
 
     async def _fetch_one(self, sql: str, params: dict[str, Any]) -> sqlite3.Row | None:
         bound = self._bind(params)
-        row: sqlite3.Row | None = await self._run(lambda conn: conn.execute(sql, bound).fetchone())
+        row: sqlite3.Row | None = await self._read(lambda conn: conn.execute(sql, bound).fetchone())
         return row
 
     async def _fetch_all(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         bound = self._bind(params)
-        return await self._run(lambda conn: conn.execute(sql, bound).fetchall())
+
+        def run(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, bound).fetchall()
+
+        if self._memory:
+            return await self._read(run)
+        return await self._on_thread(run)  # scans: never on the loop
 
     async def _transition_row(
         self, t: schema.Transition, params: dict[str, Any]
@@ -89,14 +195,16 @@ class SqliteLedger(TransitionLedger):
         update = schema.transition_update_sqlite(t)
 
         def run(conn: sqlite3.Connection) -> sqlite3.Row | None:
-            row: sqlite3.Row | None = conn.execute(update, bound).fetchone()
+            # A fresh dict per attempt: a busy attempt is retried on the thread.
+            audit = self._restamp(bound)
+            row: sqlite3.Row | None = conn.execute(update, audit).fetchone()
             if row is None:
                 return None  # not leased: the UPDATE matched nothing, so there is no audit
-            if bound["a_provider"] is None:
-                bound["a_provider"] = row["provider"]
-            if bound["a_document_id"] is None:
-                bound["a_document_id"] = row["document_id"]
-            conn.execute(schema.AUDIT_INSERT, bound)
+            if audit["a_provider"] is None:
+                audit["a_provider"] = row["provider"]
+            if audit["a_document_id"] is None:
+                audit["a_document_id"] = row["document_id"]
+            conn.execute(schema.AUDIT_INSERT, audit)
             return row
 
         return await self._write(run)
@@ -106,24 +214,38 @@ class SqliteLedger(TransitionLedger):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._executor = executor
         loop = asyncio.get_running_loop()
         try:
-            self._conn = await loop.run_in_executor(self._executor, self._connect)
-            await self._write(self._migrate)
+            thread_conn = await loop.run_in_executor(executor, self._connect, False)
+            self._thread_conn = thread_conn
+            await loop.run_in_executor(executor, _transaction, thread_conn, self._migrate)
+            if self._memory:
+                self._conn = thread_conn
+            else:
+                self._conn = await loop.run_in_executor(executor, self._connect, True)
         except BaseException:
             await self.close()
             raise
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, inline: bool) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE.
+        # check_same_thread=False: opened here, on the executor thread; the inline one is then
+        # used only on the event loop thread (and closed back here).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL is crash-safe for process crashes in WAL mode (see the module docstring).
+        # A per-connection setting: both connections need it.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        if inline:
+            # Checkpoints are queued on the thread instead (see the module docstring), and the
+            # loop never waits for a lock: SQLITE_BUSY at once, then the thread's retry.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA busy_timeout = 0")
         return conn
 
     @staticmethod
@@ -141,26 +263,33 @@ class SqliteLedger(TransitionLedger):
             )
 
     async def close(self) -> None:
-        executor, conn = self._executor, self._conn
-        self._executor = self._conn = None
+        executor, conn, thread_conn = self._executor, self._conn, self._thread_conn
+        self._executor = self._conn = self._thread_conn = None
         if executor is None:
             return
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+
+        def close_all() -> None:
+            # On the thread, after any queued checkpoint; the last connection to close
+            # checkpoints the WAL (with fsyncs), which stays off the loop too.
+            if conn is not None and conn is not thread_conn:
+                conn.close()
+            if thread_conn is not None:
+                thread_conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(executor, close_all)
         executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------ leases
 
-    async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
-        now = self._now()
-        params = {
-            **schema.key_params(key),
-            "owner": owner,
-            "now": schema.iso(now),
-            "until": schema.iso(now + timedelta(seconds=lease_seconds)),
-        }
-
+    async def _acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
         def run(conn: sqlite3.Connection) -> SaleRecord | None:
+            now = self._now()  # inside the transaction (see _restamp)
+            params = {
+                **schema.key_params(key),
+                "owner": owner,
+                "now": schema.iso(now),
+                "until": schema.iso(now + timedelta(seconds=lease_seconds)),
+            }
             row = conn.execute(schema.ACQUIRE, params).fetchone()
             return schema.sale_from_row(row) if row is not None else None
 
