@@ -31,7 +31,10 @@ class Handled:
 
 
 class Deferred(Exception):
-    """Not now, and not a failure: handle the message again in ``delay`` seconds or later."""
+    """Not now, and not a failure: handle the message again in ``delay`` seconds or later.
+    ``exact`` delays are reserved slots; the others back off with jitter per deferral."""
+
+    exact = False
 
     def __init__(self, reason: str, delay: float = 0.0) -> None:
         super().__init__(reason)
@@ -44,7 +47,9 @@ class SaleBusy(Deferred):
 
 class Throttled(Deferred):
     """The tenant's provider key is at its rate limit: waiting here would hold a prefetch slot
-    that other tenants' sales need, so the message waits in a delay queue instead."""
+    that other tenants' sales need, so the message waits in a delay queue for its slot."""
+
+    exact = True
 
 
 class Connections(Protocol):
@@ -66,8 +71,6 @@ class Context:
     #: Unique per delivery: the lease owner.
     owner: str
     today: Callable[[], date]
-    #: A sale may wait this long in-process for its key's rate limit; longer, it is deferred.
-    max_throttle_wait: float = 2.0
 
     def connection(self, tenant_id: str) -> TenantConnection:
         conn = self.connections.get(tenant_id)
@@ -81,11 +84,7 @@ class Context:
         breaker = self.connections.breaker_error(conn)
         if breaker is not None:
             raise breaker
-        provider = self.providers[conn.provider]
-        backlog = provider.backlog_seconds(conn)
-        if backlog > self.max_throttle_wait:
-            raise Throttled(f"{conn.provider} key of {conn.tenant_id} is paced", delay=backlog)
-        return provider
+        return self.providers[conn.provider]
 
     @asynccontextmanager
     async def lease(self, key: SaleKey) -> AsyncIterator[SaleRecord]:

@@ -161,8 +161,9 @@ class Provider(Protocol):
         """The help pages' "Test": return when the key works, raise InvoicingError otherwise."""
         ...
 
-    def backlog_seconds(self, conn: TenantConnection) -> float:
-        """How long a request for this connection's key would wait for the rate limit now."""
+    def defer_seconds(self, conn: TenantConnection, max_wait: float) -> float:
+        """0 when a sale for this connection's key may go ahead (its pacing wait is at most
+        ``max_wait``); otherwise the delay until a slot reserved for it."""
         ...
 
     async def close(self) -> None: ...

@@ -24,6 +24,8 @@ class KeyRateLimiter:
         self._interval = 60.0 / per_minute if self.enabled else 0.0
         self._tolerance = self._interval * max(0, burst - 1)
         self._tat: dict[str, float] = {}
+        #: Per key: the last slot reserved by a deferred request.
+        self._deferred: dict[str, float] = {}
 
     def backlog_seconds(self, key: str) -> float:
         """How long a request for ``key`` made now would wait for its slot."""
@@ -31,6 +33,19 @@ class KeyRateLimiter:
             return 0.0
         now = time.monotonic()
         return max(0.0, self._tat.get(key, now) - now - self._tolerance)
+
+    def defer(self, key: str, max_wait: float) -> float:
+        """0 when a request for ``key`` may go ahead now (waiting at most ``max_wait``);
+        otherwise the seconds until a slot this caller reserves for later. Deferred callers
+        get slots one interval apart, so a burst comes back at the pace it can be served,
+        each message about once, instead of churning through the queue."""
+        backlog = self.backlog_seconds(key)
+        if backlog <= max_wait:
+            return 0.0
+        now = time.monotonic()
+        slot = max(self._deferred.get(key, 0.0), now + backlog) + self._interval
+        self._deferred[key] = slot
+        return slot - now
 
     async def acquire(self, key: str) -> None:
         if not self.enabled:
@@ -48,3 +63,5 @@ class KeyRateLimiter:
         # Keys whose schedule is in the past carry no state worth keeping.
         for key in [k for k, t in self._tat.items() if t < now]:
             del self._tat[key]
+        for key in [k for k, t in self._deferred.items() if t < now]:
+            del self._deferred[key]

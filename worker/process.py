@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -23,7 +23,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify
-from handlers.context import Context, Deferred, Handled, SaleBusy
+from handlers.context import Context, Deferred, Handled, SaleBusy, Throttled
 from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import ErrorInfo, InvoiceFailed, OutEvent, SalePaid, SaleStorno
 from handlers.parse import parse_event, peek_tenant
@@ -83,7 +83,6 @@ class Runtime:
             max_provider_attempts=self.settings.max_provider_attempts,
             owner=f"{self.instance_id}:{next(self._deliveries)}",
             today=budapest_today,
-            max_throttle_wait=self.settings.throttle_max_wait_seconds,
         )
 
 
@@ -138,8 +137,10 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
     try:
         wait = _not_yet(delivery)
         if wait > 0:
-            # The provider asked for a longer pause than the longest delay tier: another round.
-            raise Deferred("provider asked to wait (Retry-After)", delay=wait)
+            # Its time has not come (a Retry-After or a reserved slot beyond the longest
+            # tier): another round in the delay queues, without parsing or a provider call.
+            raise Throttled("not before its reserved time", delay=wait)
+        _check_pace(message.body, rt)
         event = parse_event(
             message.body, delivery.routing_key, max_bytes=rt.settings.max_body_bytes
         )
@@ -171,6 +172,19 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
         metrics.handle_seconds.labels(delivery.routing_key if event else "invalid").observe(
             time.monotonic() - started
         )
+
+
+def _check_pace(body: bytes, rt: Runtime) -> None:
+    """Before the parse and the ledger: a sale for a key that is at its pacing limit is
+    deferred to a reserved slot, which costs one confirmed copy and nothing else, so a
+    tenant's burst of thousands passes through quickly and other tenants' sales get through."""
+    tenant = peek_tenant(body, rt.settings.max_body_bytes)
+    conn = rt.connections.get(tenant) if tenant else None
+    if conn is None:
+        return
+    delay = rt.providers[conn.provider].defer_seconds(conn, rt.settings.throttle_max_wait_seconds)
+    if delay > 0:
+        raise Throttled(f"{conn.provider} key of {conn.tenant_id} is paced", delay=delay)
 
 
 def _not_yet(delivery: Delivery) -> float:
@@ -224,8 +238,14 @@ async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: Def
     more often the message was deferred, so a long backlog does not churn the queue."""
     headers = dict(delivery.message.headers or {})
     deferrals = _int(headers.get(H_DEFER_COUNT)) + 1
-    wanted = max(why.delay, backoff(deferrals, rt.policy, random.random()))
+    wanted = why.delay
+    if not why.exact:
+        wanted = max(wanted, backoff(deferrals, rt.policy, random.random()))
     delay, queue = rt.names.delay_queue_for(wanted)
+    headers.pop(H_NOT_BEFORE, None)
+    if wanted > delay:
+        # Longer than the longest tier: it comes back early and waits another round.
+        headers[H_NOT_BEFORE] = (datetime.now(UTC) + timedelta(seconds=wanted)).isoformat()
     headers[H_DEFER_COUNT] = deferrals
     headers[H_ORIGINAL_RK] = delivery.routing_key
     try:

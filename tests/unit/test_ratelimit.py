@@ -28,3 +28,16 @@ async def test_disabled_limiter_never_waits() -> None:
 def test_key_id_hides_the_secret() -> None:
     assert "secret" not in key_id("my-secret-key")
     assert key_id("a") == key_id("a") != key_id("b")
+
+
+async def test_deferred_requests_get_slots_one_interval_apart() -> None:
+    limiter = KeyRateLimiter(per_minute=600, burst=1)  # a slot every 100 ms
+    assert limiter.defer("k", max_wait=0.25) == 0  # nothing queued: go ahead
+    tasks = [asyncio.create_task(limiter.acquire("k")) for _ in range(5)]
+    await asyncio.sleep(0)  # five slots taken: the schedule is 0.5 s ahead
+    first = limiter.defer("k", max_wait=0.25)
+    second = limiter.defer("k", max_wait=0.25)
+    assert first == pytest.approx(0.6, abs=0.02)  # after the backlog, one interval later
+    assert second - first == pytest.approx(0.1, abs=0.001)
+    for task in tasks:
+        task.cancel()
