@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import Env, wait_until
-from worker import metrics
 from worker.report import build_report, render
 from worker.samples import paid_event, storno_event
 from worker.tools import connections_check
@@ -34,7 +34,12 @@ async def test_revoked_key_parks_the_tenant_and_a_new_key_replays_its_sales(env:
     await wait_until(lambda: _dead_is(env, 6), what="the rest to be parked")
     await env.outbox.wait_for(lambda o: len(o.of_type("invoice.issued", sale_id="S-OK")) == 1)
     assert env.billingo.plan.count() == calls_for_first  # parked without a provider call
-    assert metrics.connection_up.labels(tenant.tenant_id, "billingo")._value.get() == 0
+    assert (
+        REGISTRY.get_sample_value(
+            "invoicing_connection_up", {"tenant": tenant.tenant_id, "provider": "billingo"}
+        )
+        == 0
+    )
     codes = {dead.headers["x-error-code"] for dead in await env.dead_letters()}
     assert codes == {"auth_failed"}
 
@@ -66,7 +71,12 @@ async def test_error_state_survives_a_restart(env: Env) -> None:
     calls = env.billingo.plan.count()
 
     await env.start_worker()
-    assert metrics.connection_up.labels(tenant.tenant_id, "billingo")._value.get() == 0
+    assert (
+        REGISTRY.get_sample_value(
+            "invoicing_connection_up", {"tenant": tenant.tenant_id, "provider": "billingo"}
+        )
+        == 0
+    )
     await env.publish(paid_event(tenant.tenant_id, "S-S-1"))
     await wait_until(lambda: _dead_is(env, 2), what="the second sale to be parked")
     assert env.billingo.plan.count() == calls

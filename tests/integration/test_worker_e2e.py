@@ -14,10 +14,10 @@ from typing import Any
 
 import aio_pika
 import pytest
+from prometheus_client import REGISTRY
 
 from providers.sandbox_faults import Fault
 from tests.conftest import Env, wait_until
-from worker import metrics
 from worker.samples import PERSON, paid_event, storno_event
 
 pytestmark = pytest.mark.broker
@@ -111,8 +111,13 @@ async def test_revoked_key_dead_letters_and_a_new_key_recovers(env: Env, provide
     status = env.outbox.of_type("connection.status", tenant_id=tenant.tenant_id)
     assert status[-1]["status"] == "ERROR"
     assert status[-1]["error_code"] == "auth_failed"
-    up = metrics.connection_up.labels(tenant.tenant_id, provider)._value.get()
-    assert up == 0
+    labels = {"tenant": tenant.tenant_id, "provider": provider}
+
+    def up() -> float | None:
+        return REGISTRY.get_sample_value("invoicing_connection_up", labels)
+
+    # The change applies right after its announcement is confirmed: poll, do not race it.
+    await wait_until(lambda: up() == 0, what="invoicing_connection_up to drop to 0")
     await wait_until(lambda: _depth_is(env, 1), what="the dead letter")
     [dead] = await env.dead_letters()
     headers = dead.headers
@@ -142,7 +147,7 @@ async def test_revoked_key_dead_letters_and_a_new_key_recovers(env: Env, provide
     await env.publish(paid_event(tenant.tenant_id, "S-REV-2"))
     await env.outbox.wait_for(lambda o: len(issued(env, sale_id="S-REV-2")) == 1)
     assert len(env.documents(new.tenant_id)) == 1
-    assert metrics.connection_up.labels(tenant.tenant_id, provider)._value.get() == 1
+    await wait_until(lambda: up() == 1, what="invoicing_connection_up back to 1")
 
 
 async def _depth_is(env: Env, n: int) -> bool:
