@@ -642,6 +642,27 @@ async def test_sqlite_checkpoints_run_off_the_loop(
         await ledger.close()
 
 
+async def test_sqlite_wal_stays_bounded_under_continuous_writes(tmp_path: Path) -> None:
+    # The bench once grew the WAL to 3 GB: a passive checkpoint never caught up with a writer
+    # that commits all the time. 900 sales (2,700 transitions) here would be ~40 MB unchecked.
+    ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+    await ledger.open()
+    wal = tmp_path / "ledger.db-wal"
+    largest = 0
+    try:
+        for n in range(900):
+            key = _key(f"S-{n}")
+            assert await ledger.acquire(key, "w", 30) is not None
+            await ledger.start_issue(key, "w", "billingo", "ev")
+            await ledger.record_issued(
+                key, "w", "ev", "billingo", INVOICE, found=False, release=True
+            )
+            largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    finally:
+        await ledger.close()
+    assert largest < 16 * 1024 * 1024, f"WAL reached {largest} bytes"
+
+
 async def test_sqlite_memory_ledger_transitions_and_scans() -> None:
     ledger = SqliteLedger(":memory:")
     await ledger.open()
