@@ -25,7 +25,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify
 from handlers.context import Context, Deferred, Handled, SaleBusy, Throttled
 from handlers.errors import ErrorCode, InvoicingError
-from handlers.messages import ErrorInfo, InvoiceFailed, OutEvent, SalePaid, SaleStorno
+from handlers.messages import (
+    INBOUND_TYPES,
+    ErrorInfo,
+    InvoiceFailed,
+    OutEvent,
+    SalePaid,
+    SaleStorno,
+)
 from handlers.parse import parse_event, peek_tenant
 from handlers.sale import handle_paid, handle_storno
 from providers.base import Provider
@@ -197,6 +204,11 @@ def _not_yet(delivery: Delivery) -> float:
         return 0.0
 
 
+def _event_label(delivery: Delivery) -> str:
+    # Bounded label values: a stray routing key must not create a new time series.
+    return delivery.routing_key if delivery.routing_key in INBOUND_TYPES else "unknown"
+
+
 def _sale_id(event: SalePaid | SaleStorno) -> str:
     return event.sale.id if isinstance(event, SalePaid) else event.sale_id
 
@@ -255,7 +267,7 @@ async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: Def
         await _requeue(delivery.message)
         return
     await _ack(delivery.message)
-    metrics.events_total.labels(delivery.routing_key, "retried").inc()
+    metrics.events_total.labels(_event_label(delivery), "retried").inc()
     log.info("message.deferred", reason=str(why), delay=delay, deferrals=deferrals)
 
 
@@ -319,7 +331,7 @@ async def _failed(
     await _apply(change, rt)
     await _audit_failure(event, code, message, final, rt)
     await _ack(delivery.message)
-    metrics.events_total.labels(delivery.routing_key or "unknown", outcome).inc()
+    metrics.events_total.labels(_event_label(delivery), outcome).inc()
     if final:
         metrics.dead_lettered_total.labels(str(code)).inc()
 
