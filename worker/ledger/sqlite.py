@@ -112,6 +112,10 @@ class SqliteLedger(TransitionLedger):
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn`` in a write transaction: inline if the lock is free, else on the thread."""
         _, conn, _ = self._open_conns()
+        if self._checkpoint_queued:
+            # Queue behind the checkpoint: inline writes would take the lock between its
+            # busy-handler polls and starve it, and the WAL would grow without bound.
+            return await self._on_thread(lambda thread_conn: _transaction(thread_conn, fn))
         try:
             result = _transaction(conn, fn)
         except sqlite3.OperationalError as exc:
