@@ -161,9 +161,10 @@ class Provider(Protocol):
         """The help pages' "Test": return when the key works, raise InvoicingError otherwise."""
         ...
 
-    def defer_seconds(self, conn: TenantConnection, max_wait: float) -> float:
+    def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
         """0 when a sale for this connection's key may go ahead (its pacing wait is at most
-        ``max_wait``); otherwise the delay until a slot reserved for it."""
+        ``max_wait``); otherwise the delay until a slot reserved for it (``due``: a sale that
+        already waited for its slot goes to the front)."""
         ...
 
     async def close(self) -> None: ...

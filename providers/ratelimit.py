@@ -34,7 +34,7 @@ class KeyRateLimiter:
         now = time.monotonic()
         return max(0.0, self._tat.get(key, now) - now - self._tolerance)
 
-    def defer(self, key: str, max_wait: float) -> float:
+    def defer(self, key: str, max_wait: float, *, due: bool = False) -> float:
         """0 when a request for ``key`` may go ahead now (waiting at most ``max_wait``);
         otherwise the seconds until a slot this caller reserves for later. Deferred callers
         get slots one interval apart, so a burst comes back at the pace it can be served,
@@ -42,6 +42,10 @@ class KeyRateLimiter:
         backlog = self.backlog_seconds(key)
         if backlog <= max_wait:
             return 0.0
+        if due:
+            # It already waited for its slot: back as soon as there is room, ahead of the
+            # burst's later slots (never behind all of them again).
+            return backlog - max_wait + self._interval
         now = time.monotonic()
         slot = max(self._deferred.get(key, 0.0), now + backlog) + self._interval
         self._deferred[key] = slot

@@ -34,6 +34,12 @@ ack_failures_total = Counter(
     "invoicing_ack_failures_total",
     "Acks that failed because the channel was lost (the message will be redelivered)",
 )
+deferred_total = Counter(
+    "invoicing_deferred_total",
+    "Sales put back through a delay queue without a failure: paced (the key's rate limit) or "
+    "busy (another worker holds the sale)",
+    ["reason"],
+)
 handle_seconds = Histogram(
     "invoicing_handle_seconds",
     "Time from delivery to ack",

@@ -143,11 +143,11 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
     metrics.in_flight.inc()
     try:
         wait = _not_yet(delivery)
-        if wait > 0:
-            # Its time has not come (a Retry-After or a reserved slot beyond the longest
-            # tier): another round in the delay queues, without parsing or a provider call.
+        if wait is not None and wait > rt.settings.throttle_max_wait_seconds:
+            # Its time has not come (a Retry-After or a reserved pacing slot): another round
+            # in the delay queues, without parsing or a provider call.
             raise Throttled("not before its reserved time", delay=wait)
-        _check_pace(message.body, rt)
+        _check_pace(message.body, rt, due=wait is not None)
         event = parse_event(
             message.body, delivery.routing_key, max_bytes=rt.settings.max_body_bytes
         )
@@ -181,7 +181,7 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
         )
 
 
-def _check_pace(body: bytes, rt: Runtime) -> None:
+def _check_pace(body: bytes, rt: Runtime, *, due: bool) -> None:
     """Before the parse and the ledger: a sale for a key that is at its pacing limit is
     deferred to a reserved slot, which costs one confirmed copy and nothing else, so a
     tenant's burst of thousands passes through quickly and other tenants' sales get through."""
@@ -189,19 +189,22 @@ def _check_pace(body: bytes, rt: Runtime) -> None:
     conn = rt.connections.get(tenant) if tenant else None
     if conn is None:
         return
-    delay = rt.providers[conn.provider].defer_seconds(conn, rt.settings.throttle_max_wait_seconds)
+    delay = rt.providers[conn.provider].defer_seconds(
+        conn, rt.settings.throttle_max_wait_seconds, due=due
+    )
     if delay > 0:
         raise Throttled(f"{conn.provider} key of {conn.tenant_id} is paced", delay=delay)
 
 
-def _not_yet(delivery: Delivery) -> float:
+def _not_yet(delivery: Delivery) -> float | None:
+    """Seconds until the message's ``x-not-before`` (negative when due), None without one."""
     not_before = _text((delivery.message.headers or {}).get(H_NOT_BEFORE))
     if not not_before:
-        return 0.0
+        return None
     try:
         return (datetime.fromisoformat(not_before) - datetime.now(UTC)).total_seconds()
     except ValueError:
-        return 0.0
+        return None
 
 
 def _event_label(delivery: Delivery) -> str:
@@ -250,13 +253,16 @@ async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: Def
     more often the message was deferred, so a long backlog does not churn the queue."""
     headers = dict(delivery.message.headers or {})
     deferrals = _int(headers.get(H_DEFER_COUNT)) + 1
-    wanted = why.delay
-    if not why.exact:
-        wanted = max(wanted, backoff(deferrals, rt.policy, random.random()))
-    delay, queue = rt.names.delay_queue_for(wanted)
     headers.pop(H_NOT_BEFORE, None)
+    if why.exact:
+        # A reserved slot: wait in a tier that does not overshoot it and carry the rest in
+        # x-not-before, so the message is back by its slot, not a tier's length after it.
+        wanted = why.delay
+        delay, queue = rt.names.delay_queue_within(wanted)
+    else:
+        wanted = max(why.delay, backoff(deferrals, rt.policy, random.random()))
+        delay, queue = rt.names.delay_queue_for(wanted)
     if wanted > delay:
-        # Longer than the longest tier: it comes back early and waits another round.
         headers[H_NOT_BEFORE] = (datetime.now(UTC) + timedelta(seconds=wanted)).isoformat()
     headers[H_DEFER_COUNT] = deferrals
     headers[H_ORIGINAL_RK] = delivery.routing_key
@@ -268,7 +274,11 @@ async def _defer(delivery: Delivery, rt: Runtime, publisher: Publisher, why: Def
         return
     await _ack(delivery.message)
     metrics.events_total.labels(_event_label(delivery), "retried").inc()
-    log.info("message.deferred", reason=str(why), delay=delay, deferrals=deferrals)
+    metrics.deferred_total.labels("paced" if why.exact else "busy").inc()
+    # Paced deferrals come by the thousand in a burst: a line each only at debug level.
+    (log.debug if why.exact else log.info)(
+        "message.deferred", reason=str(why), delay=delay, deferrals=deferrals
+    )
 
 
 def _int(value: Any) -> int:

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     #: The delay-queue ladder. A retry waits in the smallest tier at least as long as the
     #: backoff asks for; the longest tier is the cap ("wait 5 min, auto-retry").
-    retry_delays: str = "5s,15s,30s,1m,2m,5m"
+    retry_delays: str = "1s,5s,15s,30s,1m,2m,5m"
     #: First backoff step; attempt n asks for base·2^(n-1), jittered, capped at the top tier.
     retry_base_seconds: float = 5.0
     #: Transient errors past this budget are dead-lettered as ``retries_exhausted``.

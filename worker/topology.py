@@ -42,6 +42,12 @@ class Names:
             ),
         )
 
+    def delay_queue_within(self, seconds: float) -> tuple[float, str]:
+        """The longest tier that does not overshoot ``seconds`` (the shortest one if all do):
+        for waits that must end on time, with ``x-not-before`` carrying the rest."""
+        fitting = [tier for tier in self.delay_queues if tier[0] <= seconds]
+        return fitting[-1] if fitting else self.delay_queues[0]
+
     def delay_queue_for(self, seconds: float) -> tuple[float, str]:
         """The shortest tier that waits at least ``seconds`` (the longest one as the cap)."""
         for delay, name in self.delay_queues:

@@ -117,8 +117,8 @@ class BillingoProvider:
         # Billingo's limit is 300 requests a minute per key; pacing avoids 429s altogether.
         self._limiter = KeyRateLimiter(requests_per_minute)
 
-    def defer_seconds(self, conn: TenantConnection, max_wait: float) -> float:
-        return self._limiter.defer(key_id(conn.secret.get_secret_value()), max_wait)
+    def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
+        return self._limiter.defer(key_id(conn.secret.get_secret_value()), max_wait, due=due)
 
     # ---- Provider -----------------------------------------------------------------------
 

@@ -133,8 +133,8 @@ class SzamlazzProvider:
         # and a cookie authenticates as its account, so accounts never share a jar.
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
-    def defer_seconds(self, conn: TenantConnection, max_wait: float) -> float:
-        return self._limiter.defer(key_id(conn.secret.get_secret_value()), max_wait)
+    def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
+        return self._limiter.defer(key_id(conn.secret.get_secret_value()), max_wait, due=due)
 
     async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
         document = build_invoice(conn, draft)

@@ -101,3 +101,14 @@ def test_a_retry_after_beyond_the_longest_tier_sets_not_before() -> None:
     assert decision.delay == 300  # waits in the longest tier, then again until not_before
     assert decision.not_before == NOW + timedelta(seconds=3600)
     assert decision.next_attempt_at == decision.not_before
+
+
+def test_paced_waits_use_the_longest_tier_that_does_not_overshoot() -> None:
+    from worker.settings import Settings
+    from worker.topology import Names
+
+    names = Names.from_settings(Settings(_env_file=None))
+    assert names.delay_queue_within(7)[0] == 5
+    assert names.delay_queue_within(0.4)[0] == 1  # below every tier: the shortest
+    assert names.delay_queue_within(3600)[0] == 300
+    assert names.delay_queue_for(7)[0] == 15  # retries round up instead

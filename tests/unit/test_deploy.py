@@ -46,6 +46,7 @@ RABBITMQ_METRICS = {
 KNOWN_METRICS = WORKER_METRICS | RABBITMQ_METRICS | {"up"}
 
 RETRY_TIERS_MS = {
+    "1s": 1_000,
     "5s": 5_000,
     "15s": 15_000,
     "30s": 30_000,

@@ -41,3 +41,15 @@ async def test_deferred_requests_get_slots_one_interval_apart() -> None:
     assert second - first == pytest.approx(0.1, abs=0.001)
     for task in tasks:
         task.cancel()
+
+
+async def test_a_due_request_goes_to_the_front_not_behind_the_burst() -> None:
+    limiter = KeyRateLimiter(per_minute=600, burst=1)
+    tasks = [asyncio.create_task(limiter.acquire("k")) for _ in range(5)]
+    await asyncio.sleep(0)  # 0.5 s of admitted work queued
+    for _ in range(100):
+        limiter.defer("k", max_wait=0.25)  # a burst books slots up to ~10.6 s out
+    due = limiter.defer("k", max_wait=0.25, due=True)
+    assert due == pytest.approx(0.35, abs=0.02)  # back when there is room, not in 10 s
+    for task in tasks:
+        task.cancel()
