@@ -8,10 +8,12 @@ retries, never touch the broker and never log secrets.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from functools import cached_property
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, SecretStr
@@ -39,12 +41,15 @@ class TenantConnection(BaseModel):
     #: Days between fulfillment and due date for invoices that are not yet paid.
     due_days: int = 0
 
-    def fingerprint(self) -> str:
-        """Changes whenever anything about the connection (including the key) changes."""
-        import hashlib
-
+    @cached_property
+    def _fingerprint(self) -> str:
         raw = self.model_dump_json(exclude={"secret"}) + self.secret.get_secret_value()
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Changes whenever anything about the connection (including the key) changes.
+        Computed once per connection object: it is asked for on every handled sale."""
+        return self._fingerprint
 
 
 @dataclass(frozen=True, slots=True)
