@@ -42,7 +42,7 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker.demo import run_demo
 
     if "INVOICING_LOG_LEVEL" not in os.environ:
-        configure("warning")  # the summary is the demo's output; JSON lines only for trouble
+        configure("error")  # the summary is the demo's output; JSON lines only for real trouble
 
     return await run_demo(settings, keep_running=args.keep_running)
 

@@ -192,7 +192,7 @@ def _summary(outbox: Outbox, settings: Settings) -> None:
             f"\n⚠ connection {e['tenant_id']} ({e['provider']}) is {e['status']}: {e['error_code']}"
         )
     print(f"""
-Where to look next
+Where to look next (installed by ./dev in .venv: use .venv/bin/invoicing-worker)
   metrics          http://127.0.0.1:{settings.http_port}/metrics  (while --keep-running)
   dead letters     queue {settings.dead_letter_queue}:
                    INVOICING_DEAD_LETTER_QUEUE={settings.dead_letter_queue} \\
