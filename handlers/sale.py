@@ -8,6 +8,8 @@ its deterministic external key instead of creating a second one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from handlers.context import Context, Handled
@@ -28,41 +30,37 @@ from worker.ledger.model import SaleKey, SaleRecord, SaleState
 log = structlog.get_logger(__name__)
 
 
-def _provider_of(record: SaleRecord) -> ProviderName:
-    assert record.provider is not None
-    return "szamlazz" if record.provider == "szamlazz" else "billingo"
+def _about(record: SaleRecord, causation_id: str) -> dict[str, Any]:
+    """What invoice.issued and invoice.cancelled both say about the sale and its invoice."""
+    invoice = record.invoice
+    assert invoice is not None
+    provider: ProviderName = "szamlazz" if record.provider == "szamlazz" else "billingo"
+    return {
+        "causation_id": causation_id,
+        "tenant_id": record.key.tenant_id,
+        "sale_id": record.key.sale_id,
+        "invoice_generation": record.key.invoice_generation,
+        "provider": provider,
+        "document_id": invoice.document_id,
+        "invoice_number": invoice.invoice_number,
+    }
 
 
 def issued_event(record: SaleRecord, causation_id: str) -> InvoiceIssued:
     invoice = record.invoice
     assert invoice is not None
-    provider = _provider_of(record)
     return InvoiceIssued(
-        causation_id=causation_id,
-        tenant_id=record.key.tenant_id,
-        sale_id=record.key.sale_id,
-        invoice_generation=record.key.invoice_generation,
-        provider=provider,
-        document_id=invoice.document_id,
-        invoice_number=invoice.invoice_number,
+        **_about(record, causation_id),
         gross_total=invoice.gross_total,
         currency=invoice.currency,
     )
 
 
 def cancelled_event(record: SaleRecord, causation_id: str) -> InvoiceCancelled:
-    invoice, cancellation = record.invoice, record.cancellation
-    assert invoice is not None
+    cancellation = record.cancellation
     assert cancellation is not None
-    provider = _provider_of(record)
     return InvoiceCancelled(
-        causation_id=causation_id,
-        tenant_id=record.key.tenant_id,
-        sale_id=record.key.sale_id,
-        invoice_generation=record.key.invoice_generation,
-        provider=provider,
-        document_id=invoice.document_id,
-        invoice_number=invoice.invoice_number,
+        **_about(record, causation_id),
         cancellation=CancellationInfo(
             kind=cancellation.kind,
             document_id=cancellation.document_id,

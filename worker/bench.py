@@ -653,6 +653,31 @@ def connections_toml(tenants: dict[str, tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def run_settings(
+    base: Settings,
+    options: BenchOptions,
+    run_id: str,
+    tmp: Path,
+    tenants: dict[str, tuple[str, str]],
+    **extra: Any,
+) -> Settings:
+    """One run's own names, connections file and ledger, so runs never meet on the broker."""
+    connections = tmp / "connections.toml"
+    connections.write_text(connections_toml(tenants), encoding="utf-8")
+    return base.model_copy(
+        update={
+            "exchange": f"bench.{run_id}.bookinda",
+            "queue": f"bench.{run_id}.sales",
+            "dead_letter_queue": f"bench.{run_id}.dead",
+            "connections_file": str(connections),
+            "ledger_url": options.ledger_url or f"sqlite:///{tmp / 'ledger.db'}",
+            "prefetch": options.prefetch,
+            "log_level": options.log_level,
+            **extra,
+        }
+    )
+
+
 def worker_environ(settings: Settings, http_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICING_")}
     for name, value in settings.model_dump().items():
@@ -856,24 +881,18 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
             billingo.add_account(secret, block_ids=(111,))
         else:
             szamlazz.add_account(secret, prefixes=("BENCH",))
-    connections = tmp / "connections.toml"
-    connections.write_text(connections_toml(tenants), encoding="utf-8")
-    settings = base.model_copy(
-        update={
-            "exchange": f"bench.{run_id}.bookinda",
-            "queue": f"bench.{run_id}.sales",
-            "dead_letter_queue": f"bench.{run_id}.dead",
-            "connections_file": str(connections),
-            "ledger_url": options.ledger_url or f"sqlite:///{tmp / 'ledger.db'}",
-            "billingo_url": await billingo.start(),
-            "szamlazz_url": await szamlazz.start(),
-            "prefetch": options.prefetch,
-            "log_level": options.log_level,
-            # The sandboxes' rate limit is off, so is the worker's pacing: this measures the
-            # pipeline, not 300 requests/min per key (that is --fairness).
-            "billingo_requests_per_minute": 0.0,
-            "szamlazz_requests_per_minute": 0.0,
-        }
+    settings = run_settings(
+        base,
+        options,
+        run_id,
+        tmp,
+        tenants,
+        billingo_url=await billingo.start(),
+        szamlazz_url=await szamlazz.start(),
+        # The sandboxes' rate limit is off, so is the worker's pacing: this measures the
+        # pipeline, not 300 requests/min per key (that is --fairness).
+        billingo_requests_per_minute=0.0,
+        szamlazz_requests_per_minute=0.0,
     )
     print(f"bench.{run_id}: temporary files in {tmp}", file=sys.stderr)
     try:
@@ -1231,19 +1250,8 @@ async def run_fairness(options: BenchOptions, base: Settings) -> FairnessReport:
         secret = f"{tenant}-{uuid.uuid4().hex[:8]}"
         tenants[tenant] = ("billingo", secret)
         billingo.add_account(secret, block_ids=(111,))
-    connections = tmp / "connections.toml"
-    connections.write_text(connections_toml(tenants), encoding="utf-8")
-    settings = base.model_copy(
-        update={
-            "exchange": f"bench.{run_id}.bookinda",
-            "queue": f"bench.{run_id}.sales",
-            "dead_letter_queue": f"bench.{run_id}.dead",
-            "connections_file": str(connections),
-            "ledger_url": options.ledger_url or f"sqlite:///{tmp / 'ledger.db'}",
-            "billingo_url": await billingo.start(),
-            "prefetch": options.prefetch,
-            "log_level": options.log_level,
-        }
+    settings = run_settings(
+        base, options, run_id, tmp, tenants, billingo_url=await billingo.start()
     )
     print(f"bench.{run_id}: temporary files in {tmp}", file=sys.stderr)
     names = Names.from_settings(settings)

@@ -224,6 +224,19 @@ def hu_tax_number(customer: Customer) -> str | None:
 # ---- requests ---------------------------------------------------------------------------
 
 
+def _write_settings(
+    root: etree._Element, add: _Add, conn: TenantConnection, external_key: str
+) -> None:
+    """``beallitasok`` of an invoice or a reverse invoice (same elements, same XSD order)."""
+    settings = add(root, "beallitasok")
+    add(settings, "szamlaagentkulcs", conn.secret.get_secret_value())
+    add(settings, "eszamla", _bool(conn.e_invoice))
+    add(settings, "szamlaLetoltes", "false")
+    add(settings, "valaszVerzio", str(ANSWER_VERSION))
+    # The external key is what the caller looks the document up by when an answer is lost.
+    add(settings, "szamlaKulsoAzon", external_key)
+
+
 def build_invoice(conn: TenantConnection, draft: InvoiceDraft) -> bytes:
     """``xmlszamla`` for a new invoice. Raises InvoicingError for data Számlázz.hu refuses."""
     currency = invoice_currency(draft.currency)
@@ -234,13 +247,7 @@ def build_invoice(conn: TenantConnection, draft: InvoiceDraft) -> bytes:
     root = new_root(NS_INVOICE, "xmlszamla")
     add = _Add(NS_INVOICE)
 
-    settings = add(root, "beallitasok")
-    add(settings, "szamlaagentkulcs", conn.secret.get_secret_value())
-    add(settings, "eszamla", _bool(conn.e_invoice))
-    add(settings, "szamlaLetoltes", "false")
-    add(settings, "valaszVerzio", str(ANSWER_VERSION))
-    # The external key is what the caller looks the invoice up by when an answer is lost.
-    add(settings, "szamlaKulsoAzon", draft.external_key)
+    _write_settings(root, add, conn, draft.external_key)
 
     header = add(root, "fejlec")
     add(header, "keltDatum", _date(draft.issue_date))
@@ -300,12 +307,7 @@ def build_reverse(conn: TenantConnection, invoice_number: str, request: CancelRe
     date but today (352). Without teljesitesDatum it repeats the original's, as NAV wants."""
     root = new_root(NS_REVERSE, "xmlszamlast")
     add = _Add(NS_REVERSE)
-    settings = add(root, "beallitasok")
-    add(settings, "szamlaagentkulcs", conn.secret.get_secret_value())
-    add(settings, "eszamla", _bool(conn.e_invoice))
-    add(settings, "szamlaLetoltes", "false")
-    add(settings, "valaszVerzio", str(ANSWER_VERSION))
-    add(settings, "szamlaKulsoAzon", request.external_key)
+    _write_settings(root, add, conn, request.external_key)
     header = add(root, "fejlec")
     add(header, "szamlaszam", invoice_number)
     if request.fulfillment_date is not None:

@@ -20,20 +20,9 @@ from handlers.validation import (
     validate_sale,
 )
 from providers.base import InvoiceLine, TenantConnection
+from worker.samples import COMPANY
 
-HU_COMPANY: dict[str, Any] = {
-    "kind": "company",
-    "name": "Aurora Travel Kft.",
-    "email": "billing@aurora.example",
-    "tax_number": "12345676-2-41",
-    "eu_vat_number": None,
-    "address": {
-        "country_code": "HU",
-        "post_code": "1051",
-        "city": "Budapest",
-        "street": "Nádor utca 7.",
-    },
-}
+HU_COMPANY: dict[str, Any] = COMPANY  # the contract's example buyer
 DE_COMPANY: dict[str, Any] = {
     "kind": "company",
     "name": "Reise GmbH",
