@@ -108,6 +108,13 @@ async def _wait_for(
         await asyncio.sleep(0.01)
 
 
+def _returns(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return check()
+
+    return condition
+
+
 INVOICE = IssuedInvoice("doc-1", "INV-2026-1", Decimal("24990.10"), "HUF")
 STORNO = Cancellation("cancel", "doc-2", "INV-2026-1-S")
 
@@ -556,8 +563,9 @@ async def test_sqlite_write_falls_back_to_the_thread_while_locked(tmp_path: Path
         blocker.execute("BEGIN IMMEDIATE")  # another process's write transaction
         task = asyncio.create_task(ledger.start_issue(key, "w1", "billingo", "ev"))
         released = asyncio.create_task(ledger.release(_key("S-other"), "w1"))
-        await asyncio.sleep(0)  # both tasks ran their inline attempts, synchronously
-        assert not task.done()  # busy inline: waiting for the lock on the thread
+        # Both writes go in one group commit; busy inline, the group waits on the thread.
+        await _wait_for(_returns(lambda: ledger.thread_commits == 1), what="a thread commit")
+        assert not task.done()
         assert not released.done()
         # Readers are not blocked by the writer (WAL), and the loop is not blocked either.
         rec = await ledger.get(key)
@@ -573,13 +581,63 @@ async def test_sqlite_write_falls_back_to_the_thread_while_locked(tmp_path: Path
             True,
         )
         assert [e.operation for e in await ledger.history("S-1")] == ["issue.requested"]
-        # The lock is free again: the next write goes inline, completing without a thread hop.
-        inline = asyncio.create_task(ledger.issue_failed(key, "w1", "ev", "x", "y", False))
-        await asyncio.sleep(0)
-        assert inline.done()
-        await inline
+        # The lock is free again: the next write is committed inline, without a thread hop.
+        inline_before = ledger.inline_commits
+        await ledger.issue_failed(key, "w1", "ev", "x", "y", False)
+        assert (ledger.inline_commits, ledger.thread_commits) == (inline_before + 1, 1)
     finally:
         blocker.close()
+        await ledger.close()
+
+
+async def test_sqlite_writes_of_one_iteration_share_one_commit(tmp_path: Path) -> None:
+    ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+    await ledger.open()
+    try:
+        keys = [_key(f"S-{n}") for n in range(50)]
+        before = ledger.inline_commits
+        records = await asyncio.gather(*(ledger.acquire(k, "w", 30) for k in keys))
+        assert all(r is not None for r in records)
+        assert ledger.inline_commits == before + 1  # 50 writes, one COMMIT
+        # Each caller got its own result, and each write is durable on its own row.
+        await asyncio.gather(
+            *(ledger.start_issue(k, "w", "billingo", f"ev-{k.sale_id}") for k in keys)
+        )
+        assert ledger.inline_commits == before + 2
+        for k in keys:
+            rec = await ledger.get(k)
+            assert rec is not None
+            assert (rec.state, rec.issue_attempts) == (SaleState.PENDING, 1)
+    finally:
+        await ledger.close()
+
+
+async def test_sqlite_one_failing_write_does_not_fail_its_group(tmp_path: Path) -> None:
+    # A write without the lease (LeaseLost) and one that raises inside the transaction share a
+    # group with good writes: the good ones commit, each caller gets its own outcome.
+    ledger = SqliteLedger(str(tmp_path / "ledger.db"))
+    await ledger.open()
+    try:
+        good = [_key(f"S-{n}") for n in range(5)]
+        for k in good:
+            assert await ledger.acquire(k, "w", 30) is not None
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO audit (at) VALUES ('x')")  # NOT NULL columns missing
+
+        results = await asyncio.gather(
+            *(ledger.start_issue(k, "w", "billingo", "ev") for k in good),
+            ledger._write(broken),
+            ledger.start_issue(_key("S-unleased"), "w", "billingo", "ev"),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results[5:]] == ["IntegrityError", "LeaseLost"]
+        for k, rec in zip(good, results[:5], strict=True):
+            assert not isinstance(rec, BaseException)
+            assert rec.state is SaleState.PENDING
+            assert [e.operation for e in await ledger.history(k.sale_id)] == ["issue.requested"]
+        assert await ledger.history("S-unleased") == []
+    finally:
         await ledger.close()
 
 
