@@ -142,13 +142,16 @@ class SqliteLedger(TransitionLedger):
         #: Used only on the executor thread; busy_timeout 30 s.
         self._thread_conn: sqlite3.Connection | None = None
         self._writes_since_checkpoint = 0
-        self._checkpoint_queued = False
-        #: Writes waiting for this iteration's group commit, and whether it is scheduled.
+        #: Writes waiting for the next group commit, and whether it is scheduled.
         self._pending: list[_Op] = []
         self._flush_scheduled = False
-        #: Group commits so far, inline and on the thread (tests, benchmarks).
+        #: A write group or a checkpoint is queued on or running on the thread.
+        self._thread_busy = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        #: Group commits so far, inline and on the thread, and checkpoints (tests, benchmarks).
         self.inline_commits = 0
         self.thread_commits = 0
+        self.checkpoints = 0
 
     @property
     def _memory(self) -> bool:
@@ -172,53 +175,79 @@ class SqliteLedger(TransitionLedger):
         """``fn`` in a write transaction, committed together with the other writes of this
         loop iteration (group commit); returns after that COMMIT."""
         self._open_conns()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            # call_soon runs after every callback already due in this iteration, so the
-            # batch holds the writes of all sales that reached the ledger meanwhile.
-            loop.call_soon(self._flush)
+        self._schedule_flush()
         result: T = await future
         return result
 
+    def _schedule_flush(self) -> None:
+        if self._flush_scheduled or self._thread_busy:
+            return  # already due, or due when the thread's turn ends (_thread_done)
+        self._flush_scheduled = True
+        # call_soon runs after every callback already due in this iteration, so the group
+        # holds the writes of all sales that reached the ledger meanwhile.
+        asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
-        """Commit the pending writes: inline if the lock is free, else on the thread."""
+        """Commit the pending writes inline; the ones that find the lock taken (another
+        process) go to the thread, which waits for it."""
         self._flush_scheduled = False
+        if self._thread_busy:
+            return
         ops = [op for op in self._pending if not op[1].done()]  # a cancelled caller: skipped
         self._pending = []
-        if not ops or self._conn is None:
+        if not ops:
+            return
+        conn = self._conn
+        if conn is None:
             _settle(ops, [(False, RuntimeError("ledger is not open"))] * len(ops))
             return
-        if self._checkpoint_queued:
-            # Queue behind the checkpoint: inline writes would take the lock between its
-            # busy-handler polls and starve it, and the WAL would grow without bound.
-            self._to_thread(ops)
-            return
-        outcomes = _run_batch(self._conn, [fn for fn, _ in ops])
+        outcomes = _run_batch(conn, [fn for fn, _ in ops])
         self.inline_commits += 1
         busy = [
             op for op, (ok, value) in zip(ops, outcomes, strict=True) if _busy_outcome(ok, value)
         ]
         _settle(ops, outcomes, skip_busy=True)
-        self._committed_inline(len(ops) - len(busy))
         if busy:
             # Rolled back, nothing of these written: wait for the lock on the thread.
             self._to_thread(busy)
+        else:
+            self._committed_inline(len(ops))
 
     def _to_thread(self, ops: list[_Op]) -> None:
         executor, _, thread_conn = self._open_conns()
         self.thread_commits += 1
-        done = asyncio.get_running_loop().run_in_executor(
-            executor, _run_batch, thread_conn, [fn for fn, _ in ops]
-        )
+        done = self._thread_turn(executor, _run_batch, thread_conn, [fn for fn, _ in ops])
 
         def settle(done: asyncio.Future[list[_Outcome]]) -> None:
             exc = done.exception()
             _settle(ops, [(False, exc)] * len(ops) if exc is not None else done.result())
 
         done.add_done_callback(settle)
+
+    def _thread_turn(
+        self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
+    ) -> asyncio.Future[T]:
+        """Run a write (or a checkpoint) on the thread. Until it is done, new writes wait in
+        ``_pending`` instead of trying the lock inline: the thread holds it, so they would
+        only get SQLITE_BUSY and each follow on the thread one hop at a time. When the turn
+        ends they are committed inline, as one group."""
+        self._thread_busy = True
+        done = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        done.add_done_callback(self._thread_done)
+        return done
+
+    def _thread_done(self, done: asyncio.Future[Any]) -> None:
+        self._thread_busy = False
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.warning("ledger.thread_failed", exc_info=exc)
+        for waiter in self._idle_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle_waiters.clear()
+        if self._pending:
+            self._schedule_flush()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A point read: inline, or on the thread in the rare case a WAL reader gets BUSY
@@ -235,21 +264,20 @@ class SqliteLedger(TransitionLedger):
         if self._memory:
             return
         self._writes_since_checkpoint += writes
-        if self._writes_since_checkpoint < _CHECKPOINT_EVERY or self._checkpoint_queued:
+        if self._writes_since_checkpoint < _CHECKPOINT_EVERY:
             return
         executor, _, thread_conn = self._open_conns()
         self._writes_since_checkpoint = 0
-        self._checkpoint_queued = True
-        executor.submit(self._checkpoint, thread_conn)
+        self.checkpoints += 1
+        self._thread_turn(executor, self._checkpoint, thread_conn)
 
-    def _checkpoint(self, thread_conn: sqlite3.Connection) -> None:
+    @staticmethod
+    def _checkpoint(thread_conn: sqlite3.Connection) -> None:
         # On the executor thread; see the module docstring for why TRUNCATE.
         try:
             thread_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error:  # harmless: the next one (or another process's) catches up
             log.warning("ledger.checkpoint_failed", exc_info=True)
-        finally:
-            self._checkpoint_queued = False
 
     @staticmethod
     def _now() -> datetime:
@@ -361,8 +389,14 @@ class SqliteLedger(TransitionLedger):
             )
 
     async def close(self) -> None:
-        if self._pending:
-            self._flush()  # commit what was asked before the connections go
+        # Commit what was asked before the connections go.
+        while self._conn is not None and (self._pending or self._thread_busy):
+            if self._thread_busy:
+                idle = asyncio.get_running_loop().create_future()
+                self._idle_waiters.append(idle)
+                await idle
+            else:
+                self._flush()
         executor, conn, thread_conn = self._executor, self._conn, self._thread_conn
         self._executor = self._conn = self._thread_conn = None
         if executor is None:
