@@ -143,7 +143,8 @@ async def _issue(
     record = await ctx.ledger.record_issued(
         key, ctx.owner, event.event_id, provider.name, invoice, found=False, release=True
     )
-    log.info(
+    # One line per sale at info ("message.handled", with the document id): this one is detail.
+    log.debug(
         "invoice.issued", document_id=invoice.document_id, invoice_number=invoice.invoice_number
     )
     return record

@@ -9,12 +9,15 @@ can defer a throttled tenant's message instead of letting it hold a prefetch slo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 
 
+@functools.lru_cache(maxsize=4096)
 def key_id(secret: str) -> str:
-    """A stable, non-reversible name for a key (limiter and cache keys never hold secrets)."""
+    """A stable, non-reversible name for a key (limiter and cache keys never hold secrets).
+    Cached: it is asked for on every request and every pacing check."""
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 

@@ -33,7 +33,7 @@ from handlers.messages import (
     SalePaid,
     SaleStorno,
 )
-from handlers.parse import parse_event, peek_tenant
+from handlers.parse import decode_body, event_from, peek_tenant, tenant_of
 from handlers.sale import handle_paid, handle_storno
 from providers.base import Provider
 from worker import metrics
@@ -147,10 +147,9 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
             # Its time has not come (a Retry-After or a reserved pacing slot): another round
             # in the delay queues, without parsing or a provider call.
             raise Throttled("not before its reserved time", delay=wait)
-        _check_pace(message.body, rt, due=wait is not None)
-        event = parse_event(
-            message.body, delivery.routing_key, max_bytes=rt.settings.max_body_bytes
-        )
+        data = decode_body(message.body, max_bytes=rt.settings.max_body_bytes)
+        _check_pace(tenant_of(data), rt, due=wait is not None)
+        event = event_from(data, delivery.routing_key)
         structlog.contextvars.bind_contextvars(
             event_id=event.event_id, tenant_id=event.tenant_id, sale_id=_sale_id(event)
         )
@@ -181,11 +180,10 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
         )
 
 
-def _check_pace(body: bytes, rt: Runtime, *, due: bool) -> None:
-    """Before the parse and the ledger: a sale for a key that is at its pacing limit is
+def _check_pace(tenant: str | None, rt: Runtime, *, due: bool) -> None:
+    """Before validation and the ledger: a sale for a key that is at its pacing limit is
     deferred to a reserved slot, which costs one confirmed copy and nothing else, so a
     tenant's burst of thousands passes through quickly and other tenants' sales get through."""
-    tenant = peek_tenant(body, rt.settings.max_body_bytes)
     conn = rt.connections.get(tenant) if tenant else None
     if conn is None:
         return
@@ -236,7 +234,8 @@ async def _succeeded(
         await _apply(change, rt)
         await _ack(delivery.message)
         metrics.events_total.labels(event.event_type, handled.outcome).inc()
-        log.info("message.handled", outcome=handled.outcome)
+        document_id = getattr(handled.events[0], "document_id", None) if handled.events else None
+        log.info("message.handled", outcome=handled.outcome, document_id=document_id)
 
 
 async def _apply(change: HealthChange | None, rt: Runtime) -> None:

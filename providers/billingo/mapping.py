@@ -6,11 +6,12 @@ Billingo error answers → :class:`InvoicingError` with a contract code.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import orjson
 
 from handlers.amounts import round_money
 from handlers.errors import ErrorCode, InvoicingError
@@ -109,9 +110,9 @@ def partner_body(customer: Customer) -> JsonDict:
     }
 
 
-def canonical(body: Mapping[str, Any]) -> str:
-    """A stable text of a JSON body, so equal customers give equal cache keys."""
-    return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def canonical(body: Mapping[str, Any]) -> bytes:
+    """A stable encoding of a JSON body, so equal customers give equal cache keys."""
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
 def language(label: str) -> str:
@@ -250,7 +251,7 @@ def conversion_rate(body: Mapping[str, Any]) -> Decimal:
 
 def parse_json(text: str) -> Any:
     """The JSON of a body; raises ValueError for anything else (HTML pages, truncation)."""
-    return json.loads(text)
+    return orjson.loads(text)  # JSONDecodeError is a ValueError
 
 
 def _parse(text: str) -> Any:
