@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -392,9 +393,11 @@ def connection_params(state: ConnectionState) -> dict[str, Any]:
 
 
 class Row(Protocol):
-    """sqlite3.Row and asyncpg.Record both index by column name."""
+    """sqlite3.Row and asyncpg.Record both index by column name and iterate over values."""
 
     def __getitem__(self, key: str, /) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
 
 
 def to_utc(value: datetime | str | None) -> datetime | None:
@@ -420,25 +423,49 @@ def iso(value: datetime) -> str:
 
 
 def sale_from_row(row: Row) -> SaleRecord:
-    gross = row["gross_total"]
+    """A row of ``SALE_SELECT`` (every statement that returns a sale selects exactly those
+    columns, in that order) → its record. Unpacked by position: it runs up to three times
+    per sale, and name lookups on sqlite3.Row were most of its cost."""
+    values: tuple[Any, ...] = tuple(row)
+    (
+        tenant_id,
+        sale_id,
+        generation,
+        state,
+        provider,
+        document_id,
+        invoice_number,
+        gross,
+        currency,
+        cancel_kind,
+        cancel_document_id,
+        cancel_invoice_number,
+        issue_attempts,
+        issue_in_doubt,
+        cancel_attempts,
+        cancel_in_doubt,
+        last_error_code,
+        created_at,
+        updated_at,
+    ) = values
     return SaleRecord(
-        key=SaleKey(row["tenant_id"], row["sale_id"], int(row["invoice_generation"])),
-        state=SaleState(row["state"]),
-        provider=row["provider"],
-        document_id=row["document_id"],
-        invoice_number=row["invoice_number"],
+        key=SaleKey(tenant_id, sale_id, int(generation)),
+        state=SaleState(state),
+        provider=provider,
+        document_id=document_id,
+        invoice_number=invoice_number,
         gross_total=Decimal(gross) if gross is not None else None,
-        currency=row["currency"],
-        cancel_kind=row["cancel_kind"],
-        cancel_document_id=row["cancel_document_id"],
-        cancel_invoice_number=row["cancel_invoice_number"],
-        issue_attempts=int(row["issue_attempts"]),
-        issue_in_doubt=bool(row["issue_in_doubt"]),
-        cancel_attempts=int(row["cancel_attempts"]),
-        cancel_in_doubt=bool(row["cancel_in_doubt"]),
-        last_error_code=row["last_error_code"],
-        created_at=to_utc(row["created_at"]),
-        updated_at=to_utc(row["updated_at"]),
+        currency=currency,
+        cancel_kind=cancel_kind,
+        cancel_document_id=cancel_document_id,
+        cancel_invoice_number=cancel_invoice_number,
+        issue_attempts=int(issue_attempts),
+        issue_in_doubt=bool(issue_in_doubt),
+        cancel_attempts=int(cancel_attempts),
+        cancel_in_doubt=bool(cancel_in_doubt),
+        last_error_code=last_error_code,
+        created_at=to_utc(created_at),
+        updated_at=to_utc(updated_at),
     )
 
 
