@@ -3,7 +3,7 @@
 Each simulated sale does what ``handle_paid`` does to the ledger (acquire the lease,
 start_issue, a provider call of 0-6 ms, record_issued releasing the lease, release), with
 ``--concurrency`` sales in flight like the worker's prefetch. Prints CPU ms per sale, wall
-time, group commits inline / on the thread, and checkpoints.
+time, group commits inline / on the thread, checkpoints and the largest WAL seen.
 
     .venv/bin/python bench/ledger_bench.py --sales 5000 --concurrency 64
 """
@@ -28,6 +28,8 @@ async def run(sales: int, concurrency: int, path: Path) -> None:
     ledger = SqliteLedger(str(path))
     await ledger.open()
     slots = asyncio.Semaphore(concurrency)
+    wal = path.with_name(path.name + "-wal")
+    largest_wal = 0
 
     async def sale(n: int) -> None:
         async with slots:
@@ -39,6 +41,9 @@ async def run(sales: int, concurrency: int, path: Path) -> None:
                 key, "w", "ev", "billingo", INVOICE, found=False, release=True
             )
             await ledger.release(key, "w")
+            if n % 100 == 0:
+                nonlocal largest_wal
+                largest_wal = max(largest_wal, wal.stat().st_size if wal.exists() else 0)
 
     cpu, wall = time.process_time(), time.monotonic()
     try:
@@ -51,6 +56,7 @@ async def run(sales: int, concurrency: int, path: Path) -> None:
     print(f"wall                  {wall:.2f} s ({sales / wall:,.0f} sales/s)")
     print(f"commits inline/thread {ledger.inline_commits} / {ledger.thread_commits}")
     print(f"checkpoints           {ledger.checkpoints}")
+    print(f"largest WAL           {largest_wal / 1e6:.1f} MB (every 100th sale)")
 
 
 def main() -> None:

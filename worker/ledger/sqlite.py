@@ -22,13 +22,17 @@ uninvoiced sales, connection states) also run on that thread, so a large table n
 loop; WAL readers do not block the writer.
 
 Checkpoints never run on the loop: the loop's connection has ``wal_autocheckpoint = 0`` and,
-every ``_CHECKPOINT_EVERY`` inline writes, a TRUNCATE checkpoint is queued on the thread. This
-keeps the checkpoint's page copying and its fsyncs - the only fsyncs of WAL + NORMAL - off the
-loop. It has to be TRUNCATE (or RESTART), not PASSIVE: a passive checkpoint never catches up
-with a writer that commits all the time, so the WAL is never reset and grew by ~46 KB a sale
-(3 GB after 67,000 sales in the bench). TRUNCATE waits for the current write, holds new writers
-off for the moment it runs (group commits queue on the thread behind it meanwhile; the loop
-itself never waits) and truncates the file to zero.
+every ``_CHECKPOINT_EVERY`` inline writes, a checkpoint runs on the thread. This keeps the
+checkpoint's page copying and its fsyncs - the only fsyncs of WAL + NORMAL - off the loop.
+While it runs, our writes wait (see ``_thread_turn``), so the checkpoint copies every frame and
+the next write starts the WAL again from its beginning: the file stays at the size of one
+interval's writes instead of growing. It is PASSIVE: it neither truncates the file nor waits
+for writers, so the writes wait ~3-5 ms for it here, where TRUNCATE (which shrinks the file to
+zero and fsyncs that too) held them ~30 ms, a visible p99 step. Should another process have
+written meanwhile (the passive one could not copy everything), it escalates to TRUNCATE, which
+waits for that writer and resets the WAL for certain. A passive checkpoint racing our own
+writes never caught up: the WAL then grew by ~46 KB a sale (3 GB after 67,000 sales in the
+bench, before the writes waited for it).
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the worker
 process crashing or being killed (the WAL is in the OS page cache and is replayed on the next
@@ -56,7 +60,7 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 _BUSY_TIMEOUT_MS = 30_000
-#: Inline writes between two TRUNCATE checkpoints queued on the thread. A write dirties ~4
+#: Inline writes between two checkpoints on the thread. A write dirties ~4
 #: pages (row, audit row, audit index, sqlite_sequence), fewer when a group commit shares
 #: them, so this keeps the WAL within a few thousand pages (~10 MB).
 _CHECKPOINT_EVERY = 1000
@@ -273,9 +277,11 @@ class SqliteLedger(TransitionLedger):
 
     @staticmethod
     def _checkpoint(thread_conn: sqlite3.Connection) -> None:
-        # On the executor thread; see the module docstring for why TRUNCATE.
+        # On the executor thread; see the module docstring for PASSIVE, then TRUNCATE.
         try:
-            thread_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            busy, frames, copied = thread_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if busy or copied < frames:
+                thread_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error:  # harmless: the next one (or another process's) catches up
             log.warning("ledger.checkpoint_failed", exc_info=True)
 
