@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,9 @@ class BenchOptions:
     fairness: bool = False
     window: float = 60.0
     sandbox_rate_limit: int = 300
+    #: With --latency: run the same settings at zero latency first (no ceiling) and compare
+    #: with the lower of the concurrency bound and that throughput.
+    zero_latency_reference: bool = False
 
     def command_line(self) -> str:
         """The exact command that repeats this run."""
@@ -111,6 +115,8 @@ class BenchOptions:
             argv.append("--no-ceiling")
         if self.py_spy:
             argv.append(f"--py-spy={self.py_spy}")
+        if self.zero_latency_reference:
+            argv.append("--zero-latency-reference")
         return shlex.join(argv)
 
 
@@ -215,6 +221,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, ledger)"
     )
+    p.add_argument(
+        "--zero-latency-reference",
+        action="store_true",
+        help="with --latency: first run the same settings at zero latency (no ceiling) and "
+        "also compare with the lower of the concurrency bound and that throughput",
+    )
     fair = p.add_argument_group(
         "fairness",
         "--fairness: one worker process, the Billingo sandbox enforcing --sandbox-rate-limit "
@@ -261,6 +273,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         fairness=args.fairness,
         window=args.window,
         sandbox_rate_limit=args.sandbox_rate_limit,
+        zero_latency_reference=args.zero_latency_reference,
     )
 
 
@@ -275,12 +288,30 @@ async def _bench(args: argparse.Namespace, settings: Settings) -> int:
         print(fairness.render())
         return 0 if fairness.b_issued_after is not None else 1
     try:
+        reference: Report | None = None
+        if options.zero_latency_reference and options.latency > 0:
+            reference = await run_bench(
+                dataclasses.replace(options, latency=0.0, ceiling=False, py_spy=None), settings
+            )
         report = await run_bench(options, settings)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if reference is not None:
+        report.zero_latency_throughput = reference.worker.throughput
     print(report.render())
     return 0 if report.complete else 1
+
+
+def _log_level(line: str) -> str | None:
+    """The level of a worker log line (JSON, compact or not), None for anything else."""
+    if not line.startswith("{"):
+        return None
+    try:
+        level = json.loads(line).get("level")
+    except ValueError:
+        return None
+    return level if isinstance(level, str) else None
 
 
 class BenchError(Exception):
@@ -465,6 +496,8 @@ class Report:
     ready_skew: float
     machine: str
     notes: list[str] = field(default_factory=list)
+    #: --zero-latency-reference: the same settings' throughput at zero latency, run just before.
+    zero_latency_throughput: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -510,6 +543,17 @@ class Report:
                     + (f"; worker at {w.throughput / bound:.0%}" if w.preloaded else ""),
                 )
             )
+            zero = self.zero_latency_throughput
+            if zero is not None:
+                lower = min(bound, zero)
+                rows.append(
+                    (
+                        "zero-latency reference",
+                        f"{zero:,.0f} sales/s (same settings, latency 0, run just before); "
+                        f"lower bound {lower:,.0f} sales/s"
+                        + (f"; worker at {w.throughput / lower:.0%}" if w.preloaded else ""),
+                    )
+                )
         label = "latency p50 / p99" + (" (incl. queue wait)" if w.preloaded else "")
         rows.append((label, f"{percentile(lat, 50):,.1f} / {percentile(lat, 99):,.1f} ms"))
         if not w.preloaded:
@@ -987,7 +1031,7 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
             1
             for log in logs
             for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
-            if '"level": "warning"' in line or '"level": "error"' in line
+            if _log_level(line) in ("warning", "error", "critical")
         )
         if worker.done < options.sales:
             notes.append(
