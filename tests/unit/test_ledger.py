@@ -612,6 +612,29 @@ async def test_sqlite_writes_of_one_iteration_share_one_commit(tmp_path: Path) -
         await ledger.close()
 
 
+async def test_sqlite_close_commits_the_writes_still_waiting_for_their_group(
+    tmp_path: Path,
+) -> None:
+    # A graceful stop closes the ledger right after the last handler returned: writes asked
+    # for in the same loop iteration must be committed, not dropped with their callers hanging.
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(str(path))
+    await ledger.open()
+    tasks = [asyncio.create_task(ledger.acquire(_key(f"S-{n}"), "w", 30)) for n in range(20)]
+    await asyncio.sleep(0)  # each task has asked for its write; the group commit is not due yet
+    assert ledger.inline_commits == 0
+    await ledger.close()
+    records = await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+    assert all(r is not None and r.state is SaleState.NEW for r in records)
+    reopened = SqliteLedger(str(path))
+    await reopened.open()
+    try:
+        for n in range(20):
+            assert await reopened.get(_key(f"S-{n}")) is not None
+    finally:
+        await reopened.close()
+
+
 async def test_sqlite_one_failing_write_does_not_fail_its_group(tmp_path: Path) -> None:
     # A write without the lease (LeaseLost) and one that raises inside the transaction share a
     # group with good writes: the good ones commit, each caller gets its own outcome.

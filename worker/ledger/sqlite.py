@@ -207,17 +207,24 @@ class SqliteLedger(TransitionLedger):
         if conn is None:
             _settle(ops, [(False, RuntimeError("ledger is not open"))] * len(ops))
             return
-        outcomes = _run_batch(conn, [fn for fn, _ in ops])
-        self.inline_commits += 1
-        busy = [
-            op for op, (ok, value) in zip(ops, outcomes, strict=True) if _busy_outcome(ok, value)
-        ]
-        _settle(ops, outcomes, skip_busy=True)
-        if busy:
-            # Rolled back, nothing of these written: wait for the lock on the thread.
-            self._to_thread(busy)
-        else:
-            self._committed_inline(len(ops))
+        try:
+            outcomes = _run_batch(conn, [fn for fn, _ in ops])
+            self.inline_commits += 1
+            busy = [
+                op
+                for op, (ok, value) in zip(ops, outcomes, strict=True)
+                if _busy_outcome(ok, value)
+            ]
+            _settle(ops, outcomes, skip_busy=True)
+            if busy:
+                # Rolled back, nothing of these written: wait for the lock on the thread.
+                self._to_thread(busy)
+            else:
+                self._committed_inline(len(ops))
+        except BaseException as exc:
+            # Whatever went wrong here, no caller may be left waiting for its COMMIT.
+            _settle(ops, [(False, exc)] * len(ops))
+            raise
 
     def _to_thread(self, ops: list[_Op]) -> None:
         executor, _, thread_conn = self._open_conns()
@@ -225,7 +232,7 @@ class SqliteLedger(TransitionLedger):
         done = self._thread_turn(executor, _run_batch, thread_conn, [fn for fn, _ in ops])
 
         def settle(done: asyncio.Future[list[_Outcome]]) -> None:
-            exc = done.exception()
+            exc = asyncio.CancelledError() if done.cancelled() else done.exception()
             _settle(ops, [(False, exc)] * len(ops) if exc is not None else done.result())
 
         done.add_done_callback(settle)
