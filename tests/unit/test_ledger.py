@@ -726,9 +726,10 @@ async def test_sqlite_checkpoints_run_off_the_loop(
 async def test_sqlite_wal_stays_bounded_under_continuous_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The bench once grew the WAL to 3 GB: a passive checkpoint never caught up with a writer
-    # that commits all the time. 900 sales (2,700 transitions) here would be ~40 MB unchecked;
-    # checkpoints every 30 commits keep it near 1 MB, far from the bound even on a busy CI box.
+    # The bench once grew the WAL to 3 GB: a passive checkpoint racing a writer that commits
+    # all the time never caught up. 900 sales (2,700 transitions) here would be ~40 MB
+    # unchecked; a checkpoint every 30 writes, with the writes waiting for it, keeps the WAL
+    # near 1 MB, far from the bound even on a busy CI box.
     monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 30)
     ledger = SqliteLedger(str(tmp_path / "ledger.db"))
     await ledger.open()
