@@ -172,7 +172,7 @@ async def _process(message: AbstractIncomingMessage, rt: Runtime, publisher: Pub
         )
         await _failed(delivery, event, error, rt, publisher)
     else:
-        await _succeeded(delivery, event, handled, rt, publisher)
+        await _succeeded(delivery, event, handled, rt, publisher, started)
     finally:
         metrics.in_flight.dec()
         metrics.handle_seconds.labels(delivery.routing_key if event else "invalid").observe(
@@ -220,6 +220,7 @@ async def _succeeded(
     handled: Handled,
     rt: Runtime,
     publisher: Publisher,
+    started: float,
 ) -> None:
     events: list[OutEvent] = list(handled.events)
     change = None
@@ -235,7 +236,14 @@ async def _succeeded(
         await _ack(delivery.message)
         metrics.events_total.labels(event.event_type, handled.outcome).inc()
         document_id = getattr(handled.events[0], "document_id", None) if handled.events else None
-        log.info("message.handled", outcome=handled.outcome, document_id=document_id)
+        # elapsed_ms: delivery → outcome confirmed and acked, provider calls included.
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        log.info(
+            "message.handled",
+            outcome=handled.outcome,
+            document_id=document_id,
+            elapsed_ms=elapsed_ms,
+        )
 
 
 async def _apply(change: HealthChange | None, rt: Runtime) -> None:

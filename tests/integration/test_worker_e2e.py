@@ -14,6 +14,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 
 from providers.sandbox_faults import Fault
@@ -68,6 +69,22 @@ async def test_batch_of_sales_for_three_tenants_is_invoiced_once_each(
     await env.stop_worker()
     assert await env.queue_depth(env.settings.queue) == 0  # nothing was left unacked
     assert await env.queue_depth(env.settings.dead_letter_queue) == 0
+
+
+async def test_each_handled_sale_logs_its_document_and_time(env: Env, provider: str) -> None:
+    # The one info line per sale ops read: which document, and how long delivery → ack took.
+    tenant = env.add_tenant(f"log-{provider}", provider).tenant_id
+    await env.start_worker()
+    with structlog.testing.capture_logs() as logs:
+        await env.publish(paid_event(tenant, "S-LOG"))
+        await env.outbox.wait_for(lambda o: len(o.of_type("invoice.issued")) == 1)
+        await wait_until(lambda: any(e["event"] == "message.handled" for e in logs), 5, "the log")
+    [line] = [e for e in logs if e["event"] == "message.handled"]
+    [event] = issued(env)
+    assert line["outcome"] == "issued"
+    assert line["document_id"] == event["document_id"]
+    assert 0 < line["elapsed_ms"] < 30_000
+    await env.stop_worker()
 
 
 async def test_storno_cancels_exactly_once_even_when_delivered_twice(
