@@ -39,6 +39,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ class BenchOptions:
     #: With --latency: run the same settings at zero latency first (no ceiling) and compare
     #: with the lower of the concurrency bound and that throughput.
     zero_latency_reference: bool = False
+    #: Also run the bare loop with the ledger writes of an issued sale added (SQLite, as the
+    #: worker's): what the exactly-once record alone costs against the ceiling.
+    ledger_floor: bool = False
 
     def command_line(self) -> str:
         """The exact command that repeats this run."""
@@ -117,6 +121,8 @@ class BenchOptions:
             argv.append(f"--py-spy={self.py_spy}")
         if self.zero_latency_reference:
             argv.append("--zero-latency-reference")
+        if self.ledger_floor:
+            argv.append("--ledger-floor")
         return shlex.join(argv)
 
 
@@ -227,6 +233,12 @@ def register(sub: Any) -> None:
         help="with --latency: first run the same settings at zero latency (no ceiling) and "
         "also compare with the lower of the concurrency bound and that throughput",
     )
+    p.add_argument(
+        "--ledger-floor",
+        action="store_true",
+        help="pre-loaded runs: also run the bare loop with the three ledger writes of an issued "
+        "sale (SQLite), the cost of the exactly-once record against the ceiling",
+    )
     fair = p.add_argument_group(
         "fairness",
         "--fairness: one worker process, the Billingo sandbox enforcing --sandbox-rate-limit "
@@ -274,6 +286,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         window=args.window,
         sandbox_rate_limit=args.sandbox_rate_limit,
         zero_latency_reference=args.zero_latency_reference,
+        ledger_floor=args.ledger_floor,
     )
 
 
@@ -488,6 +501,8 @@ class Report:
     run_id: str
     worker: Phase
     ceiling: Phase | None
+    #: --ledger-floor: the bare loop plus the ledger writes of an issued sale.
+    floor: Phase | None
     requests: Counter[str]
     rss: RssSeries
     failed: Counter[str]
@@ -533,6 +548,16 @@ class Report:
                 ),
                 ("worker / ceiling", f"{ratio:.0%}"),
             ]
+            f = self.floor
+            if f is not None:
+                rows.append(
+                    (
+                        "bare loop + ledger writes",
+                        f"{f.throughput:,.0f} msg/s = {f.throughput / c.throughput:.0%} of the "
+                        f"ceiling (acquire, start_issue, record_issued per msg, SQLite); worker "
+                        f"at {w.throughput / f.throughput:.0%} of it",
+                    )
+                )
         if o.latency > 0:
             bound = self.concurrency_bound()
             rows.append(
@@ -617,7 +642,7 @@ class Report:
                     "ceiling CPU ms / msg",
                     f"loop {c.cpu_ms_per_sale(c.cpu_seconds):.2f}, bench+server "
                     f"{c.cpu_ms_per_sale(c.bench_cpu_seconds):.2f}, broker "
-                    f"{c.cpu_ms_per_sale(c.broker_cpu_seconds):.2f}",
+                    f"{c.cpu_ms_per_sale(c.broker_cpu_seconds):.2f}" + self._floor_cpu_text(),
                 )
             )
         failed = ", ".join(f"{k}×{v}" for k, v in self.failed.items()) or "none"
@@ -631,6 +656,10 @@ class Report:
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"repeat: {o.command_line()}")
         return "\n".join(lines)
+
+    def _floor_cpu_text(self) -> str:
+        f = self.floor
+        return "" if f is None else f"; loop + ledger writes {f.cpu_ms_per_sale(f.cpu_seconds):.2f}"
 
     def _ceiling_calls(self) -> int:
         return ceiling_calls(self.requests_per_sale())
@@ -1092,11 +1121,24 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
                 f"{options.stall_seconds:g}s without progress; logs in {tmp}"
             )
         ceiling: Phase | None = None
+        floor: Phase | None = None
         if options.ceiling and worker.done:
             calls = ceiling_calls(sum(requests.values()) / worker.done)
             ceiling = await _run_ceiling(
                 options, settings, channel, ceiling_queue, sales, calls, arrivals
             )
+            if options.ledger_floor and preloaded:
+                arrivals.ceiling.clear()  # the same sale ids again, on the same (empty) queue
+                floor = await _run_ceiling(
+                    options,
+                    settings,
+                    channel,
+                    ceiling_queue,
+                    sales,
+                    calls,
+                    arrivals,
+                    ledger_path=tmp / "floor-ledger.db",
+                )
         if options.py_spy:
             notes.append(f"py-spy raw profile of worker 0: {options.py_spy}")
         return Report(
@@ -1104,6 +1146,7 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
             run_id=run_id,
             worker=worker,
             ceiling=ceiling,
+            floor=floor,
             requests=requests,
             rss=rss,
             failed=arrivals.failed,
@@ -1555,9 +1598,11 @@ async def _run_ceiling(
     sales: list[tuple[str, str, bytes]],
     calls: int,
     arrivals: Arrivals,
+    ledger_path: Path | None = None,
 ) -> Phase:
     """Pre-load the same bodies into a quorum queue of the same kind, then run the bare loop
-    in a subprocess (its own CPU, like the worker) against a minimal local aiohttp server."""
+    in a subprocess (its own CPU, like the worker) against a minimal local aiohttp server;
+    with ``ledger_path``, the loop also makes the ledger writes of an issued sale there."""
     from aiohttp import web
 
     async def answer(request: web.Request) -> web.Response:
@@ -1587,6 +1632,7 @@ async def _run_ceiling(
             "count": len(sales),
             "calls": calls,
             "url": f"http://127.0.0.1:{port}/call",
+            "ledger": str(ledger_path) if ledger_path is not None else None,
         }
         argv = (
             [sys.executable, "-c", _UVLOOP_CEILING, CEILING_FLAG, json.dumps(spec)]
@@ -1616,7 +1662,7 @@ async def _run_ceiling(
         loop_cpu = end_cpu - first_cpu[0] if end_cpu is not None and first_cpu else None
         await _stop_process(proc)
         return Phase(
-            "ceiling",
+            "ceiling" if ledger_path is None else "floor",
             len(sales),
             started,
             published,
@@ -1652,8 +1698,16 @@ async def ceiling_loop(spec: dict[str, Any]) -> None:
     import aio_pika
     import aiohttp
 
+    from providers.base import IssuedInvoice
+    from worker.ledger.model import SaleKey
+    from worker.ledger.sqlite import SqliteLedger
+
     done = asyncio.Event()
     handled = 0
+    ledger = SqliteLedger(spec["ledger"]) if spec.get("ledger") else None
+    if ledger is not None:
+        await ledger.open()
+    invoice = IssuedInvoice("1", "BENCH-2026-000001", Decimal("49980"), "HUF")
     connection = await aio_pika.connect(spec["amqp_url"], timeout=10)
     # limit=0: no connection cap, so the ceiling is the loop's own, not aiohttp's default 100.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -1666,9 +1720,20 @@ async def ceiling_loop(spec: dict[str, Any]) -> None:
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal handled
             event = json.loads(message.body)
+            if ledger is not None:
+                # The three writes handle_paid makes for a new sale, nothing else of it.
+                sale = event["sale"]
+                key = SaleKey(event["tenant_id"], sale["id"], sale["invoice_generation"])
+                owner = f"floor:{message.delivery_tag}"
+                await ledger.acquire(key, owner, 60)
+                await ledger.start_issue(key, owner, "billingo", event["event_id"])
             for _ in range(spec["calls"]):
                 async with session.post(spec["url"], data=message.body) as response:
                     json.loads(await response.read())
+            if ledger is not None:
+                await ledger.record_issued(
+                    key, owner, event["event_id"], "billingo", invoice, found=False, release=True
+                )
             await exchange.publish(
                 aio_pika.Message(
                     body=event["sale"]["id"].encode(),
@@ -1686,6 +1751,8 @@ async def ceiling_loop(spec: dict[str, Any]) -> None:
     finally:
         await session.close()
         await connection.close()
+        if ledger is not None:
+            await ledger.close()
 
 
 def ceiling_main(argv: list[str]) -> int:
