@@ -26,14 +26,14 @@ every ``_CHECKPOINT_EVERY`` inline writes, a checkpoint runs on the thread, in t
 keeps the checkpoint's page copying and its fsyncs - the only fsyncs of WAL + NORMAL - off the
 loop. The first pass is PASSIVE and races our writes, which go on committing inline meanwhile:
 it copies the interval's frames (~15-20 ms for 1,000 writes here, which held every write for
-that long when they waited for it, a p99 step at half load). A passive checkpoint racing the
-writer never catches up on its own (the WAL grew by ~46 KB a sale, 3 GB after 67,000 sales in
-the bench), so a second PASSIVE pass follows with our writes waiting (``_thread_turn``): it copies
-only the frames written during the first, a fraction of a millisecond, and the next write
-starts the WAL again from its beginning, so the file stays at the size of one interval's
-writes. Should another process have written meanwhile (the second pass could not copy
-everything), it escalates to TRUNCATE, which waits for that writer and resets the WAL for
-certain.
+that long when they waited for it; see ``_CHECKPOINT_EVERY`` for the interval). A passive
+checkpoint racing the writer never catches up on its own (the WAL grew by ~46 KB a sale, 3 GB
+after 67,000 sales in the bench), so a second PASSIVE pass follows with our writes waiting
+(``_thread_turn``): it copies only the frames written during the first, a fraction of a
+millisecond, and the next write starts the WAL again from its beginning, so the file stays at
+the size of one interval's writes. Should another process have written meanwhile (the second
+pass could not copy everything), it escalates to TRUNCATE, which waits for that writer and
+resets the WAL for certain.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the worker
 process crashing or being killed (the WAL is in the OS page cache and is replayed on the next
@@ -61,10 +61,13 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 _BUSY_TIMEOUT_MS = 30_000
-#: Inline writes between two checkpoints on the thread. A write dirties ~4
-#: pages (row, audit row, audit index, sqlite_sequence), fewer when a group commit shares
-#: them, so this keeps the WAL within a few thousand pages (~10 MB).
-_CHECKPOINT_EVERY = 1000
+#: Inline writes between two checkpoints on the thread. A write dirties ~4 pages (row, audit
+#: row, audit index, sqlite_sequence), fewer when a group commit shares them, so the WAL stays
+#: within ~1,000 pages. Small on purpose: a checkpoint's copy is a burst of CPU and I/O on the
+#: cores the broker and the worker share (1,000 writes: ~15-20 ms, and at 350 sales/s the
+#: slowest sales came in a cluster at every checkpoint, p99 median 13.7 ms over 8 runs); at
+#: 200 the bursts are short and the clusters gone (median 9.6 ms over 6 runs, same throughput).
+_CHECKPOINT_EVERY = 200
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
