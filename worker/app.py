@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -159,4 +160,14 @@ async def serve(app: App, *, install_signals: bool = True) -> None:
 
 async def run(settings: Settings) -> None:
     async with build(settings) as app:
+        freeze_startup_objects()
         await serve(app)
+
+
+def freeze_startup_objects() -> None:
+    """Move what start-up built (modules, models, settings, clients, ~50,000 objects) out of
+    the cyclic collector's sight: they live as long as the process, and every full collection
+    scanned them again, a 17-23 ms pause of the event loop each time at 350 sales/s. Cycles
+    among them are never collected afterwards; the ones that matter are not garbage."""
+    gc.collect()
+    gc.freeze()
