@@ -744,11 +744,14 @@ async def test_sqlite_writes_commit_while_a_checkpoint_copies(
 
     monkeypatch.setattr(sqlite_ledger, "_passive", slow_first_pass)
     try:
-        n = 0
+        n, deadline = 0, time.monotonic() + 5
         while not copying.is_set():
             n += 1
             assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
-            assert n < 50, "no checkpoint started"
+            await asyncio.sleep(0.001)  # the executor thread needs the GIL to start the pass
+            assert time.monotonic() < deadline, "no checkpoint started"
+        # No other checkpoint from here on: the probe below must be the only other one.
+        monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
         for i in range(3):
             # Committed while the first pass still holds the thread (until `release`).
             record = await asyncio.wait_for(ledger.acquire(_key(f"during-{i}"), "w", 30), 5)
@@ -770,6 +773,55 @@ async def test_sqlite_writes_commit_while_a_checkpoint_copies(
     finally:
         release.set()
         await ledger.close()
+
+
+async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With our writes waiting, the catch-up pass copies everything unless another process
+    # wrote meanwhile; then it escalates to TRUNCATE, which waits for that writer and leaves
+    # an empty WAL file. Here a second connection commits while the catch-up pass runs.
+    monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 5)
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(str(path))
+    await ledger.open()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other_process (n INTEGER)")
+    calls: list[bool] = []
+    real_passive = sqlite_ledger._passive
+
+    def other_process_writes_in_the_catch_up(conn: sqlite3.Connection) -> bool:
+        if calls:  # the catch-up pass: another process commits just before it copies
+            other.execute("INSERT INTO other_process VALUES (1)")
+            real_passive(conn)
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock while the pass decides
+            other.execute("INSERT INTO other_process VALUES (2)")
+            calls.append(True)
+            threading.Timer(0.2, lambda: other.execute("COMMIT")).start()
+            return False  # frames of the other process were left behind
+        calls.append(real_passive(conn))
+        return calls[-1]
+
+    monkeypatch.setattr(sqlite_ledger, "_passive", other_process_writes_in_the_catch_up)
+    wal = tmp_path / "ledger.db-wal"
+    try:
+        n, deadline = 0, time.monotonic() + 5
+        while not calls:  # until the first pass is done; then no write of ours follows
+            n += 1
+            assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
+            await asyncio.sleep(0.001)  # the executor thread needs the GIL to run the pass
+            assert time.monotonic() < deadline, "no checkpoint"
+        await _wait_for(
+            _returns(lambda: len(calls) >= 2 and not ledger._thread_busy), what="the catch-up"
+        )
+        # TRUNCATE waited for the other writer's COMMIT, copied its frames too and emptied
+        # the file; nothing of either writer was lost.
+        assert wal.stat().st_size == 0
+        assert other.execute("SELECT count(*) FROM other_process").fetchone() == (2,)
+        assert await ledger.get(_key("S-1")) is not None
+    finally:
+        await ledger.close()
+        other.close()
 
 
 async def test_sqlite_wal_stays_bounded_under_continuous_writes(
