@@ -775,6 +775,58 @@ async def test_sqlite_writes_commit_while_a_checkpoint_copies(
         await ledger.close()
 
 
+async def test_sqlite_writes_wait_for_a_catch_up_queued_behind_a_thread_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write that found the lock taken (another process) goes to the thread while a first
+    # pass runs there; the catch-up pass then queues behind it. When that write is done, the
+    # catch-up is still to come, and our writes must keep waiting for it.
+    monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 5)
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(str(path))
+    await ledger.open()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    first_running, first_go = threading.Event(), threading.Event()
+    catch_up_running, catch_up_go = threading.Event(), threading.Event()
+    real_passive = sqlite_ledger._passive
+
+    def held_passes(conn: sqlite3.Connection) -> bool:
+        if not first_running.is_set():
+            first_running.set()
+            first_go.wait(10)
+        else:
+            catch_up_running.set()
+            catch_up_go.wait(10)
+        return real_passive(conn)
+
+    monkeypatch.setattr(sqlite_ledger, "_passive", held_passes)
+    try:
+        n, deadline = 0, time.monotonic() + 5
+        while not first_running.is_set():
+            n += 1
+            assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
+            await asyncio.sleep(0.001)  # the executor thread needs the GIL to start the pass
+            assert time.monotonic() < deadline, "no checkpoint started"
+        monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        busy = asyncio.ensure_future(ledger.acquire(_key("busy"), "w", 30))
+        await _wait_for(_returns(lambda: ledger.thread_commits == 1), what="the thread write")
+        other.execute("COMMIT")
+        first_go.set()
+        await _wait_for(_returns(catch_up_running.is_set), what="the catch-up pass")
+        assert await asyncio.wait_for(busy, 5) is not None  # ran on the thread before it
+        probe = asyncio.ensure_future(ledger.acquire(_key("probe"), "w", 30))
+        await asyncio.sleep(0.2)
+        assert not probe.done(), "a write committed inline during the catch-up pass"
+        catch_up_go.set()
+        assert await asyncio.wait_for(probe, 5) is not None
+    finally:
+        first_go.set()
+        catch_up_go.set()
+        await ledger.close()
+        other.close()
+
+
 async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -789,6 +841,7 @@ async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
     other.execute("CREATE TABLE other_process (n INTEGER)")
     calls: list[bool] = []
     real_passive = sqlite_ledger._passive
+    committer = threading.Timer(0.2, lambda: other.execute("COMMIT"))
 
     def other_process_writes_in_the_catch_up(conn: sqlite3.Connection) -> bool:
         if calls:  # the catch-up pass: another process commits just before it copies
@@ -797,7 +850,7 @@ async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
             other.execute("BEGIN IMMEDIATE")  # holds the write lock while the pass decides
             other.execute("INSERT INTO other_process VALUES (2)")
             calls.append(True)
-            threading.Timer(0.2, lambda: other.execute("COMMIT")).start()
+            committer.start()
             return False  # frames of the other process were left behind
         calls.append(real_passive(conn))
         return calls[-1]
@@ -821,6 +874,8 @@ async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
         assert await ledger.get(_key("S-1")) is not None
     finally:
         await ledger.close()
+        if committer.is_alive():
+            committer.join(5)
         other.close()
 
 

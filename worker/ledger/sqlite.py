@@ -159,9 +159,10 @@ class SqliteLedger(TransitionLedger):
         #: Writes waiting for the next group commit, and whether it is scheduled.
         self._pending: list[_Op] = []
         self._flush_scheduled = False
-        #: A write group or a checkpoint's catch-up pass is queued on or running on the thread
-        #: (writes wait for it).
-        self._thread_busy = False
+        #: Write groups and checkpoint catch-up passes queued on or running on the thread
+        #: (writes wait while any is). Counted, not a flag: a write group that found the lock
+        #: taken may still be on the thread when a catch-up pass is queued behind it.
+        self._thread_turns = 0
         #: A checkpoint's first pass is running on the thread (writes go on).
         self._checkpointing = False
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -250,22 +251,28 @@ class SqliteLedger(TransitionLedger):
 
         done.add_done_callback(settle)
 
+    @property
+    def _thread_busy(self) -> bool:
+        return self._thread_turns > 0
+
     def _thread_turn(
         self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
     ) -> asyncio.Future[T]:
         """Run a write (or a checkpoint) on the thread. Until it is done, new writes wait in
         ``_pending`` instead of trying the lock inline: the thread holds it, so they would
-        only get SQLITE_BUSY and each follow on the thread one hop at a time. When the turn
-        ends they are committed inline, as one group."""
-        self._thread_busy = True
+        only get SQLITE_BUSY and each follow on the thread one hop at a time. When the last
+        turn ends they are committed inline, as one group."""
         done = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        self._thread_turns += 1  # after the submit: a refused one leaves nothing waiting
         done.add_done_callback(self._thread_done)
         return done
 
     def _thread_done(self, done: asyncio.Future[Any]) -> None:
-        self._thread_busy = False
+        self._thread_turns -= 1
         if not done.cancelled() and (exc := done.exception()) is not None:
             log.warning("ledger.thread_failed", exc_info=exc)
+        if self._thread_busy:
+            return  # another turn is queued; it ends the wait
         if not self._checkpointing:
             self._wake_idle_waiters()
         if self._pending:
@@ -291,8 +298,8 @@ class SqliteLedger(TransitionLedger):
         executor, _, thread_conn = self._open_conns()
         self._writes_since_checkpoint = 0
         self.checkpoints += 1
-        self._checkpointing = True
         first = asyncio.get_running_loop().run_in_executor(executor, _passive, thread_conn)
+        self._checkpointing = True  # after the submit: a refused one leaves nothing waiting
         first.add_done_callback(self._catch_up)
 
     def _catch_up(self, first: asyncio.Future[bool]) -> None:
