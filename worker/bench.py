@@ -595,7 +595,7 @@ class Report:
                 (
                     "p99 beyond provider calls",
                     f"{percentile(lat, 99) - calls_ms:,.1f} ms "
-                    f"(p50 {percentile(lat, 50) - calls_ms:,.1f} ms; provider floor "
+                    f"(p50 {percentile(lat, 50) - calls_ms:,.1f} ms; provider calls "
                     f"{calls_ms:,.0f} ms)",
                 )
             )
@@ -892,20 +892,29 @@ async def _warm_up(
     run_id: str,
     tenants: list[str],
     arrivals: Arrivals,
-) -> None:
+) -> int:
     """Before a --rate run: one sale per tenant and returning customer, waited for and then
     forgotten. A sale whose customer's partner is still being created waits for that request
     (the first ~0.3 s of a 200 ms run took 400+ ms); the timed run measures the steady state,
     where returning customers' partner ids are known, as the target is about."""
+    # Each worker process has its own partner cache: enough sales that every process sees
+    # each tenant's customers (twice over: deliveries are spread over the consumers by
+    # prefetch, not strictly in turn).
+    count = 2 * len(tenants) * options.processes * 2
     warm = make_sales(
-        dataclasses.replace(options, sales=2 * len(tenants), new_customers=0.0),
-        f"{run_id}-warm",
-        tenants,
+        dataclasses.replace(options, sales=count, new_customers=0.0), f"{run_id}-warm", tenants
     )
     await _publish_all(channel, exchange, "sale.paid", warm)
     await _wait_arrivals(arrivals, arrivals.issued, len(warm), options.stall_seconds)
+    missing = [sale_id for sale_id, _, _ in warm if sale_id not in arrivals.issued]
+    if missing or arrivals.failed:
+        raise BenchError(
+            f"warm-up: {len(missing)} of {len(warm)} sales not issued "
+            f"({dict(arrivals.failed) or 'no invoice.failed'}); is the worker healthy?"
+        )
     for sale_id, _, _ in warm:
         arrivals.issued.pop(sale_id, None)
+    return count
 
 
 async def _wait_arrivals(
@@ -1063,13 +1072,17 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
             await spawn()
             ready = await _wait_ready(procs, ports, 60)
             published = {}
-            await _warm_up(channel, settings.exchange, options, run_id, list(tenants), arrivals)
+            warm = await _warm_up(
+                channel, settings.exchange, options, run_id, list(tenants), arrivals
+            )
             for sandbox in (billingo, szamlazz):  # requests per sale: the timed run's only
                 sandbox.plan.requests.clear()
             notes.append(
-                f"warm-up: {2 * options.tenants} sales (each tenant's returning customers) "
-                "issued before the timed run, not counted"
+                f"warm-up: {warm} sales (each tenant's returning customers, for every worker "
+                "process) issued before the timed run, not counted"
             )
+            if options.ledger_floor:
+                notes.append("--ledger-floor applies to pre-loaded runs only; not run")
         pids = [p.pid for p in procs]
         spy = _start_py_spy(options.py_spy, pids[0]) if options.py_spy else None
         cpu0 = [proc_cpu_seconds(pid) or 0.0 for pid in pids]
@@ -1129,12 +1142,14 @@ async def run_bench(options: BenchOptions, base: Settings) -> Report:
                 options, settings, channel, ceiling_queue, sales, calls, arrivals
             )
             if options.ledger_floor and preloaded:
-                arrivals.ceiling.clear()  # the same sale ids again, on the same (empty) queue
+                if options.ledger_url:
+                    notes.append("--ledger-floor: the bare loop's ledger is SQLite regardless")
+                arrivals.ceiling.clear()  # the same sale ids again, on a queue of its own
                 floor = await _run_ceiling(
                     options,
                     settings,
                     channel,
-                    ceiling_queue,
+                    f"{ceiling_queue}.floor",
                     sales,
                     calls,
                     arrivals,
@@ -1187,7 +1202,7 @@ async def _delete_topology(connection: Any, settings: Settings, ceiling_queue: s
 
     names = Names.from_settings(settings)
     channel = await connection.channel()
-    queues = [names.queue, names.dead_letter_queue, ceiling_queue]
+    queues = [names.queue, names.dead_letter_queue, ceiling_queue, f"{ceiling_queue}.floor"]
     queues += [name for _, name in names.delay_queues]
     for queue in queues:
         await channel.queue_delete(queue)
@@ -1488,11 +1503,13 @@ async def run_fairness(options: BenchOptions, base: Settings) -> FairnessReport:
             notes.append(f"B not issued within {max(options.stall_seconds, 120.0):g} s")
         window_start = b_issued if b_issued is not None else time.monotonic()
         burst_cpu1 = (proc_cpu_seconds(proc.pid), broker_cpu_seconds(), self_cpu_seconds())
+        # Counted at B's issue, before py-spy is stopped (that takes a while, and the worker
+        # goes on deferring the burst meanwhile).
+        deferred_at_b = max(count_log_events(log).deferred, await scrape_deferrals(port))
+        a_before_b_issued = sum(1 for s, t in arrivals.issued.items() if s != b_id)
         if spy is not None:  # the burst only: publish → B issued
             await _stop_process(await spy, signal.SIGINT)
             notes.append(f"py-spy raw profile of the worker until B was issued: {options.py_spy}")
-        deferred_at_b = max(count_log_events(log).deferred, await scrape_deferrals(port))
-        a_before_b_issued = sum(1 for s, t in arrivals.issued.items() if s != b_id)
         cpu0, broker0 = proc_cpu_seconds(proc.pid), broker_cpu_seconds()
         # During the window, one more B sale every 10 s: another tenant's latency while A's
         # deferred burst keeps coming back from the delay queues (the steady state).
@@ -1618,6 +1635,7 @@ async def _run_ceiling(
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    proc: asyncio.subprocess.Process | None = None
     try:
         await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
         at_rate = options.rate > 0
@@ -1674,6 +1692,8 @@ async def _run_ceiling(
             preloaded=not at_rate,
         )
     finally:
+        if proc is not None:  # a no-op when it was stopped above
+            await _stop_process(proc, signal.SIGKILL)
         await runner.cleanup()
 
 

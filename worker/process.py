@@ -236,7 +236,8 @@ async def _succeeded(
         await _ack(delivery.message)
         metrics.events_total.labels(event.event_type, handled.outcome).inc()
         document_id = getattr(handled.events[0], "document_id", None) if handled.events else None
-        # elapsed_ms: delivery → outcome confirmed and acked, provider calls included.
+        # elapsed_ms: our callback's start → outcome confirmed and acked, provider calls
+        # included (not the time a frame waited in the socket while the loop was busy).
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
         log.info(
             "message.handled",
