@@ -25,15 +25,16 @@ Checkpoints never run on the loop: the loop's connection has ``wal_autocheckpoin
 every ``_CHECKPOINT_EVERY`` inline writes, a checkpoint runs on the thread, in two passes. This
 keeps the checkpoint's page copying and its fsyncs - the only fsyncs of WAL + NORMAL - off the
 loop. The first pass is PASSIVE and races our writes, which go on committing inline meanwhile:
-it copies the interval's frames (~15-20 ms for 1,000 writes here, which held every write for
-that long when they waited for it; see ``_CHECKPOINT_EVERY`` for the interval). A passive
+it copies the interval's frames (3-5 ms for 1,000 of the worker's group-committed writes, 18 ms
+for 1,000 ungrouped ones; every write waited that long before there were two passes). A passive
 checkpoint racing the writer never catches up on its own (the WAL grew by ~46 KB a sale, 3 GB
 after 67,000 sales in the bench), so a second PASSIVE pass follows with our writes waiting
-(``_thread_turn``): it copies only the frames written during the first, a fraction of a
-millisecond, and the next write starts the WAL again from its beginning, so the file stays at
-the size of one interval's writes. Should another process have written meanwhile (the second
-pass could not copy everything), it escalates to TRUNCATE, which waits for that writer and
-resets the WAL for certain.
+(``_thread_turn``): it copies only the frames written during the first, and the next write
+starts the WAL again from its beginning, so the file stays at the size of one interval's
+writes. The writes wait a few ms for it, mostly the hop to the thread (it needs the GIL) and
+its fsyncs. Should another process have written meanwhile (the second pass could not copy
+everything), it escalates to TRUNCATE, which waits for that writer and resets the WAL for
+certain.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the worker
 process crashing or being killed (the WAL is in the OS page cache and is replayed on the next
@@ -64,9 +65,10 @@ _BUSY_TIMEOUT_MS = 30_000
 #: Inline writes between two checkpoints on the thread. A write dirties ~4 pages (row, audit
 #: row, audit index, sqlite_sequence), fewer when a group commit shares them, so the WAL stays
 #: within ~1,000 pages. Small on purpose: a checkpoint's copy is a burst of CPU and I/O on the
-#: cores the broker and the worker share (1,000 writes: ~15-20 ms, and at 350 sales/s the
-#: slowest sales came in a cluster at every checkpoint, p99 median 13.7 ms over 8 runs); at
-#: 200 the bursts are short and the clusters gone (median 9.6 ms over 6 runs, same throughput).
+#: cores the broker and the worker share, and at 1,000 the slowest sales of a 350 sales/s run
+#: came in a cluster at every checkpoint (every 0.95 s); at 200 the latency timeline showed no
+#: such cluster (bench/README.md). The price: more catch-up passes, each holding the writes a
+#: few ms (p50 3.7, max 25 ms in one run at 380/s, 200 ms latency).
 _CHECKPOINT_EVERY = 200
 
 
