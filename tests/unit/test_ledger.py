@@ -108,6 +108,17 @@ async def _wait_for(
         await asyncio.sleep(0.01)
 
 
+async def _write_until(ledger: SqliteLedger, started: Callable[[], bool]) -> None:
+    """Sales' first writes, one after another, until ``started()`` (a checkpoint pass began on
+    the thread); a 5 s deadline."""
+    n, deadline = 0, time.monotonic() + 5
+    while not started():
+        n += 1
+        assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
+        await asyncio.sleep(0.001)  # the executor thread needs the GIL to start the pass
+        assert time.monotonic() < deadline, "no checkpoint pass started"
+
+
 def _returns(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     async def condition() -> bool:
         return check()
@@ -744,12 +755,7 @@ async def test_sqlite_writes_commit_while_a_checkpoint_copies(
 
     monkeypatch.setattr(sqlite_ledger, "_passive", slow_first_pass)
     try:
-        n, deadline = 0, time.monotonic() + 5
-        while not copying.is_set():
-            n += 1
-            assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
-            await asyncio.sleep(0.001)  # the executor thread needs the GIL to start the pass
-            assert time.monotonic() < deadline, "no checkpoint started"
+        await _write_until(ledger, copying.is_set)
         # No other checkpoint from here on: the probe below must be the only other one.
         monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
         for i in range(3):
@@ -801,12 +807,7 @@ async def test_sqlite_writes_wait_for_a_catch_up_queued_behind_a_thread_write(
 
     monkeypatch.setattr(sqlite_ledger, "_passive", held_passes)
     try:
-        n, deadline = 0, time.monotonic() + 5
-        while not first_running.is_set():
-            n += 1
-            assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
-            await asyncio.sleep(0.001)  # the executor thread needs the GIL to start the pass
-            assert time.monotonic() < deadline, "no checkpoint started"
+        await _write_until(ledger, first_running.is_set)
         monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         busy = asyncio.ensure_future(ledger.acquire(_key("busy"), "w", 30))
@@ -858,12 +859,8 @@ async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
     monkeypatch.setattr(sqlite_ledger, "_passive", other_process_writes_in_the_catch_up)
     wal = tmp_path / "ledger.db-wal"
     try:
-        n, deadline = 0, time.monotonic() + 5
-        while not calls:  # until the first pass is done; then no write of ours follows
-            n += 1
-            assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
-            await asyncio.sleep(0.001)  # the executor thread needs the GIL to run the pass
-            assert time.monotonic() < deadline, "no checkpoint"
+        # Until the first pass is done; then no write of ours follows.
+        await _write_until(ledger, lambda: bool(calls))
         await _wait_for(
             _returns(lambda: len(calls) >= 2 and not ledger._thread_busy), what="the catch-up"
         )
