@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from providers.base import Cancellation, IssuedInvoice
@@ -50,8 +50,13 @@ class TransitionLedger(Ledger):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def _acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+    async def _acquire(
+        self, key: SaleKey, owner: str, lease_seconds: float, worker: str | None
+    ) -> SaleRecord | None:
         """The lease-taking upsert (see :meth:`Ledger.acquire`)."""
+
+    @abstractmethod
+    async def heartbeat(self, worker: str, ttl_seconds: float) -> None: ...
 
     # ------------------------------------------------------------------ I/O primitives
 
@@ -87,10 +92,26 @@ class TransitionLedger(Ledger):
 
     # ------------------------------------------------------------------ leases
 
-    async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+    async def acquire(
+        self, key: SaleKey, owner: str, lease_seconds: float, *, worker: str | None = None
+    ) -> SaleRecord | None:
         # Taken again (whatever the outcome): a later release() must really run its UPDATE.
         self._released.pop((key, owner), None)
-        return await self._acquire(key, owner, lease_seconds)
+        return await self._acquire(key, owner, lease_seconds, worker)
+
+    async def lease_free_in(self, key: SaleKey) -> float | None:
+        row = await self._fetch_one(schema.LEASE_FREE_AT, schema.key_params(key))
+        if row is None or row["lease_until"] is None:
+            return None
+        free_at = schema.to_utc(row["lease_until"])
+        alive_until = schema.to_utc(row["alive_until"])
+        assert free_at is not None
+        if alive_until is not None and alive_until < free_at:
+            free_at = alive_until
+        return max(0.0, (free_at - datetime.now(UTC)).total_seconds())
+
+    async def retire(self, worker: str) -> None:
+        await self._execute(schema.RETIRE, {"worker": worker})
 
     async def release(self, key: SaleKey, owner: str) -> None:
         if (key, owner) in self._released:
@@ -136,12 +157,13 @@ class TransitionLedger(Ledger):
         error_code: str,
         message: str,
         in_doubt: bool,
+        was_in_doubt: bool,
     ) -> None:
         await self._transition(
             t,
             key,
             owner,
-            {"error_code": error_code, "in_doubt": in_doubt},
+            {"error_code": error_code, "in_doubt": in_doubt, "was_in_doubt": was_in_doubt},
             schema.audit_params(
                 operation,
                 "in_doubt" if in_doubt else "failed",
@@ -170,9 +192,19 @@ class TransitionLedger(Ledger):
         error_code: str,
         message: str,
         in_doubt: bool,
+        *,
+        was_in_doubt: bool = False,
     ) -> None:
         await self._attempt_failed(
-            schema.ISSUE_FAILED, "issue.failed", key, owner, event_id, error_code, message, in_doubt
+            schema.ISSUE_FAILED,
+            "issue.failed",
+            key,
+            owner,
+            event_id,
+            error_code,
+            message,
+            in_doubt,
+            was_in_doubt,
         )
 
     async def record_issued(
@@ -217,6 +249,8 @@ class TransitionLedger(Ledger):
         error_code: str,
         message: str,
         in_doubt: bool,
+        *,
+        was_in_doubt: bool = False,
     ) -> None:
         await self._attempt_failed(
             schema.CANCEL_FAILED,
@@ -227,6 +261,7 @@ class TransitionLedger(Ledger):
             error_code,
             message,
             in_doubt,
+            was_in_doubt,
         )
 
     async def record_cancelled(

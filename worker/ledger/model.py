@@ -61,6 +61,9 @@ class SaleRecord:
     last_error_code: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: When the latest create / cancel was sent (recorded just before it went out).
+    issue_sent_at: datetime | None = None
+    cancel_sent_at: datetime | None = None
 
     @property
     def invoice(self) -> IssuedInvoice | None:
@@ -125,9 +128,25 @@ class Ledger(Protocol):
 
     async def close(self) -> None: ...
 
-    async def acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+    async def acquire(
+        self, key: SaleKey, owner: str, lease_seconds: float, *, worker: str | None = None
+    ) -> SaleRecord | None:
         """Take the lease on the sale generation (creating the row in NEW if missing).
-        Returns the record, or None while another owner holds an unexpired lease."""
+        Returns the record, or None while another owner holds an unexpired lease whose
+        ``worker`` (if it named one) is alive (see :meth:`heartbeat`)."""
+        ...
+
+    async def lease_free_in(self, key: SaleKey) -> float | None:
+        """Seconds until a busy sale's lease can be taken (its expiry or its holder's liveness
+        end, whichever is first); None when the sale is not leased."""
+        ...
+
+    async def heartbeat(self, worker: str, ttl_seconds: float) -> None:
+        """``worker`` is alive for ``ttl_seconds`` more: its leases cannot be taken over."""
+        ...
+
+    async def retire(self, worker: str) -> None:
+        """``worker`` stopped: its remaining leases can be taken over at once."""
         ...
 
     async def release(self, key: SaleKey, owner: str) -> None:
@@ -159,8 +178,11 @@ class Ledger(Protocol):
         error_code: str,
         message: str,
         in_doubt: bool,
+        *,
+        was_in_doubt: bool = False,
     ) -> None:
-        """Stay PENDING; record the error and whether the attempt may have created something."""
+        """Stay PENDING; record the error. The record stays in doubt if this send may have
+        created something (``in_doubt``) or an earlier one may have (``was_in_doubt``)."""
         ...
 
     async def record_issued(
@@ -189,6 +211,8 @@ class Ledger(Protocol):
         error_code: str,
         message: str,
         in_doubt: bool,
+        *,
+        was_in_doubt: bool = False,
     ) -> None: ...
 
     async def record_cancelled(

@@ -38,7 +38,10 @@ class _Statement:
         return [params[name] for name in self.names]
 
 
+_COMMAND_TIMEOUT_SECONDS = 10.0
 _ACQUIRE = schema.ACQUIRE.replace(":until", "now() + make_interval(secs => :lease_seconds)")
+_HEARTBEAT = schema.HEARTBEAT.replace(":until", "now() + make_interval(secs => :ttl)")
+_FORGET_DEAD_WORKERS = schema.FORGET_DEAD_WORKERS.replace(":before", "now() - interval '1 day'")
 
 
 @functools.cache
@@ -125,6 +128,9 @@ class PostgresLedger(TransitionLedger):
             max_size=self._max_size,
             server_settings=server_settings,
             reset=_no_session_reset,
+            # A database that stops answering must fail the call, not hold the sale's lease
+            # (and the attempt's deadline) forever.
+            command_timeout=_COMMAND_TIMEOUT_SECONDS,
         )
         try:
             await self._migrate()
@@ -160,7 +166,19 @@ class PostgresLedger(TransitionLedger):
 
     # ------------------------------------------------------------------ leases
 
-    async def _acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
-        params = {**schema.key_params(key), "owner": owner, "lease_seconds": float(lease_seconds)}
+    async def _acquire(
+        self, key: SaleKey, owner: str, lease_seconds: float, worker: str | None
+    ) -> SaleRecord | None:
+        params = {
+            **schema.key_params(key),
+            "owner": owner,
+            "worker": worker,
+            "lease_seconds": float(lease_seconds),
+        }
         row = await self._fetch_one(_ACQUIRE, params)
         return schema.sale_from_row(row) if row is not None else None
+
+    async def heartbeat(self, worker: str, ttl_seconds: float) -> None:
+        # The server's clock, like every lease: replicas on other hosts compare against it.
+        await self._execute(_HEARTBEAT, {"worker": worker, "ttl": float(ttl_seconds)})
+        await self._execute(_FORGET_DEAD_WORKERS, {})

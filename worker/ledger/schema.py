@@ -94,6 +94,22 @@ CREATE TABLE IF NOT EXISTS connection_states (
     updated_at {ts} NOT NULL
 )"""
 
+# Version 2. ``*_sent_at``: an in-doubt create or cancel is looked up no sooner than the grace
+# after it was sent (a provider may commit a request whose client already gave up), whichever
+# worker does the lookup. ``lease_worker`` + ``workers``: a lease whose holder stopped renewing
+# its liveness may be taken over at once instead of after ``lease_until``.
+_V2 = (
+    "ALTER TABLE sales ADD COLUMN issue_sent_at {ts}",
+    "ALTER TABLE sales ADD COLUMN cancel_sent_at {ts}",
+    "ALTER TABLE sales ADD COLUMN lease_worker TEXT",
+    """
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    started_at {ts} NOT NULL,
+    alive_until {ts} NOT NULL
+)""",
+)
+
 _SQLITE = {"ts": "TEXT", "id": "INTEGER PRIMARY KEY AUTOINCREMENT"}
 _POSTGRES = {"ts": "TIMESTAMPTZ", "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
 
@@ -113,6 +129,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             _AUDIT_INDEX,
             _CONNECTION_STATES.format(**_POSTGRES),
         ),
+    ),
+    Migration(
+        2,
+        "when each create / cancel was sent, which worker holds a lease, worker liveness",
+        sqlite=tuple(m.format(**_SQLITE) for m in _V2),
+        postgres=tuple(m.format(**_POSTGRES) for m in _V2),
     ),
 )
 
@@ -150,6 +172,8 @@ SALE_COLUMNS = (
     "last_error_code",
     "created_at",
     "updated_at",
+    "issue_sent_at",
+    "cancel_sent_at",
 )
 SALE_SELECT = ", ".join(SALE_COLUMNS)
 
@@ -199,12 +223,14 @@ class Transition:
 
 START_ISSUE = Transition(
     "state = 'pending', provider = :provider, issue_attempts = issue_attempts + 1, "
-    "issue_in_doubt = TRUE"
+    "issue_in_doubt = TRUE, issue_sent_at = :now"
 )
 # A send that provably created nothing (refused connection, 4xx, 429) does not count towards
-# max_provider_attempts: the cap is on sends that may have produced a document.
+# max_provider_attempts: the cap is on sends that may have produced a document. It clears the
+# doubt only if no earlier send is in doubt (:was_in_doubt): a lookup that missed a slow,
+# still-running create must not turn into a create without a lookup next time.
 ISSUE_FAILED = Transition(
-    "last_error_code = :error_code, issue_in_doubt = :in_doubt, "
+    "last_error_code = :error_code, issue_in_doubt = (:in_doubt OR :was_in_doubt), "
     "issue_attempts = issue_attempts - CASE WHEN :in_doubt THEN 0 ELSE 1 END"
 )
 RECORD_ISSUED = Transition(
@@ -213,10 +239,11 @@ RECORD_ISSUED = Transition(
     "issue_in_doubt = FALSE, last_error_code = NULL"
 )
 START_CANCEL = Transition(
-    "state = 'cancel_pending', cancel_attempts = cancel_attempts + 1, cancel_in_doubt = TRUE"
+    "state = 'cancel_pending', cancel_attempts = cancel_attempts + 1, cancel_in_doubt = TRUE, "
+    "cancel_sent_at = :now"
 )
 CANCEL_FAILED = Transition(
-    "last_error_code = :error_code, cancel_in_doubt = :in_doubt, "
+    "last_error_code = :error_code, cancel_in_doubt = (:in_doubt OR :was_in_doubt), "
     "cancel_attempts = cancel_attempts - CASE WHEN :in_doubt THEN 0 ELSE 1 END"
 )
 RECORD_CANCELLED = Transition(
@@ -233,7 +260,7 @@ RECORD_FAILED = Transition(
 #: Appended to a terminal transition's SET list when the caller is done with the sale: the
 #: lease ends in the same statement that records the outcome (the UPDATE's WHERE still checks
 #: the caller held it), which saves the separate RELEASE write.
-_END_LEASE = ", lease_owner = NULL, lease_until = NULL"
+_END_LEASE = ", lease_owner = NULL, lease_until = NULL, lease_worker = NULL"
 
 
 @functools.cache
@@ -291,19 +318,45 @@ AUDIT_INSERT = (
     ":a_operation, :a_outcome, :event_id, :a_error_code, :a_provider, :a_document_id, :a_detail)"
 )
 
+#: A lease can be taken when nobody holds it, when it expired, or when its holder is known to
+#: be dead: a worker that stopped renewing its liveness row (SIGKILL, lost host) holds nothing,
+#: so a crashed worker's sales are taken over in seconds, not after ``lease_until``. A lease
+#: without a worker (written before migration 2) waits for its expiry as it always did.
+_LEASE_HOLDER_DEAD = (
+    "s.lease_worker IS NOT NULL AND NOT EXISTS (SELECT 1 FROM workers w "
+    "WHERE w.worker_id = s.lease_worker AND w.alive_until >= :now)"
+)
+
 ACQUIRE = f"""
 INSERT INTO sales AS s (tenant_id, sale_id, invoice_generation, state, created_at, updated_at,
-                        lease_owner, lease_until)
-VALUES (:tenant_id, :sale_id, :generation, 'new', :now, :now, :owner, :until)
+                        lease_owner, lease_until, lease_worker)
+VALUES (:tenant_id, :sale_id, :generation, 'new', :now, :now, :owner, :until, :worker)
 ON CONFLICT (tenant_id, sale_id, invoice_generation) DO UPDATE
-SET lease_owner = excluded.lease_owner, lease_until = excluded.lease_until
+SET lease_owner = excluded.lease_owner, lease_until = excluded.lease_until,
+    lease_worker = excluded.lease_worker
 WHERE s.lease_owner IS NULL OR s.lease_until < :now OR s.lease_owner = excluded.lease_owner
+   OR {_LEASE_HOLDER_DEAD}
 RETURNING {SALE_SELECT}"""
 
+#: When a busy sale's lease can next be taken: its expiry, or its holder's liveness end,
+#: whichever comes first (so a deferral comes back in time for a takeover).
+LEASE_FREE_AT = f"""
+SELECT s.lease_until AS lease_until, w.alive_until AS alive_until
+FROM sales s LEFT JOIN workers w ON w.worker_id = s.lease_worker
+WHERE s.{KEY_WHERE.replace(" AND ", " AND s.")}"""
+
 RELEASE = (
-    f"UPDATE sales SET lease_owner = NULL, lease_until = NULL WHERE {KEY_WHERE} "
-    "AND lease_owner = :owner"
+    f"UPDATE sales SET lease_owner = NULL, lease_until = NULL, lease_worker = NULL "
+    f"WHERE {KEY_WHERE} AND lease_owner = :owner"
 )
+
+#: Liveness: a worker renews its row while it runs; ``alive_until`` ends its claim.
+HEARTBEAT = """
+INSERT INTO workers (worker_id, started_at, alive_until) VALUES (:worker, :now, :until)
+ON CONFLICT (worker_id) DO UPDATE SET alive_until = excluded.alive_until"""
+RETIRE = "DELETE FROM workers WHERE worker_id = :worker"
+#: Rows of workers dead for a day: kept that long only so ``history`` readers can see them.
+FORGET_DEAD_WORKERS = "DELETE FROM workers WHERE alive_until < :before"
 GET = f"SELECT {SALE_SELECT} FROM sales WHERE {KEY_WHERE}"
 HISTORY_ALL = f"SELECT {AUDIT_SELECT} FROM audit WHERE sale_id = :sale_id ORDER BY at, id"
 HISTORY_TENANT = (
@@ -447,6 +500,8 @@ def sale_from_row(row: Row) -> SaleRecord:
         last_error_code,
         created_at,
         updated_at,
+        issue_sent_at,
+        cancel_sent_at,
     ) = values
     return SaleRecord(
         key=SaleKey(tenant_id, sale_id, int(generation)),
@@ -466,6 +521,8 @@ def sale_from_row(row: Row) -> SaleRecord:
         last_error_code=last_error_code,
         created_at=to_utc(created_at),
         updated_at=to_utc(updated_at),
+        issue_sent_at=to_utc(issue_sent_at),
+        cancel_sent_at=to_utc(cancel_sent_at),
     )
 
 

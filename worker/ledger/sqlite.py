@@ -3,43 +3,43 @@
 Writes are committed in groups: every write asked for during one event-loop iteration (the
 ledger steps of all sales in flight that reached it meanwhile) runs in one ``BEGIN IMMEDIATE``
 transaction with one COMMIT, and each caller returns only after that COMMIT. The write lock is
-taken up front, so two processes on the same file queue on the lock instead of failing on a
-lock upgrade. A write that fails rolls its group back, and the group is then written one
-transaction per write, so one failing write never fails the others. Group commit turned three
-transactions per sale into a fraction of one under load (bench/README.md).
+taken up front, so two processes on the same file queue on the lock instead of failing on a lock
+upgrade. A write that fails rolls its group back, and the group is then written one transaction
+per write, so one failing write never fails the others. Group commit turned three transactions
+per sale into a fraction of one under load (bench/README.md).
 
-Where statements run: in WAL mode with ``synchronous=NORMAL`` a COMMIT appends to the WAL
-without an fsync, so an uncontended write transaction takes microseconds, less than handing it
-to a thread and back. Writes and point reads therefore run **inline on the event loop thread**,
-on a connection with ``busy_timeout = 0``: it never waits for a lock. When the write lock is
-held elsewhere (another process on the same file, or our own fallback thread) that attempt fails
-at once with SQLITE_BUSY, changes nothing, and the call is retried on a dedicated thread with a
-second connection that waits up to 30 s for the lock, as every call did before. Two connections
-rather than toggling ``busy_timeout`` on one: a connection's transaction state would be shared
-between the two threads (the loop's BEGIN would land inside the thread's open transaction), and
-the loop would have to wait for the thread to be done with it. Scans (history, state counts,
-uninvoiced sales, connection states) also run on that thread, so a large table never stalls the
-loop; WAL readers do not block the writer.
+Where statements run: in WAL mode an uncontended write transaction is one append to the WAL and,
+with ``synchronous=FULL``, one fsync of it, shared by every write of the group: cheaper than
+handing each write to a thread and back. Writes and point reads therefore run **inline on the
+event loop thread**, on a connection with ``busy_timeout = 0``: it never waits for a lock. When
+the write lock is held elsewhere (another process on the same file, or our own fallback thread)
+that attempt fails at once with SQLITE_BUSY, changes nothing, and the call is retried on a
+dedicated thread with a second connection that waits up to 30 s for the lock, as every call did
+before. Two connections rather than toggling ``busy_timeout`` on one: a connection's transaction
+state would be shared between the two threads (the loop's BEGIN would land inside the thread's
+open transaction), and the loop would have to wait for the thread to be done with it. Scans
+(history, state counts, uninvoiced sales, connection states) also run on that thread, so a large
+table never stalls the loop; WAL readers do not block the writer.
 
 Checkpoints never run on the loop: the loop's connection has ``wal_autocheckpoint = 0`` and,
 every ``_CHECKPOINT_EVERY`` inline writes, a checkpoint runs on the thread, in two passes. This
-keeps the checkpoint's page copying and its fsyncs - the only fsyncs of WAL + NORMAL - off the
-loop. The first pass is PASSIVE and races our writes, which go on committing inline meanwhile:
-it copies the interval's frames (3-5 ms for 1,000 of the worker's group-committed writes, 18 ms
-for 1,000 ungrouped ones; every write waited that long before there were two passes). A passive
-checkpoint racing the writer never catches up on its own (the WAL grew by ~46 KB a sale, 3 GB
-after 67,000 sales in the bench), so a second PASSIVE pass follows with our writes waiting
-(``_thread_turn``): it copies only the frames written during the first, and the next write
-starts the WAL again from its beginning, so the file stays at the size of one interval's
-writes. The writes wait a few ms for it, mostly the hop to the thread (it needs the GIL) and
-its fsyncs. Should another process have written meanwhile (the second pass could not copy
-everything), it escalates to TRUNCATE, which waits for that writer and resets the WAL for
-certain.
+keeps the checkpoint's page copying and its fsyncs off the loop. The first pass is PASSIVE and
+races our writes, which go on committing inline meanwhile: it copies the interval's frames (3-5
+ms for 1,000 of the worker's group-committed writes, 18 ms for 1,000 ungrouped ones; every write
+waited that long before there were two passes). A passive checkpoint racing the writer never
+catches up on its own (the WAL grew by ~46 KB a sale, 3 GB after 67,000 sales in the bench), so
+a second PASSIVE pass follows with our writes waiting (``_thread_turn``): it copies only the
+frames written during the first, and the next write starts the WAL again from its beginning, so
+the file stays at the size of one interval's writes. The writes wait a few ms for it, mostly the
+hop to the thread (it needs the GIL) and its fsyncs. Should another process have written
+meanwhile (the second pass could not copy everything), it escalates to TRUNCATE, which waits for
+that writer and resets the WAL for certain.
 
-Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the worker
-process crashing or being killed (the WAL is in the OS page cache and is replayed on the next
-open); only an OS crash or power loss may lose the last transactions before a checkpoint.
-That is the failure model of a single-host deployment; use PostgreSQL for more.
+Durability: WAL with ``synchronous=FULL``: a caller returns only after its COMMIT reached the
+disk, so a power loss or an OS crash cannot drop a recorded ``start_issue`` (with NORMAL it
+could, and the redelivery would then see a fresh sale and create a second invoice). Group commit
+is what makes that affordable: one fsync per group, not per write (bench/README.md). A single
+host is still one failure domain; use PostgreSQL for more.
 """
 
 from __future__ import annotations
@@ -415,9 +415,9 @@ class SqliteLedger(TransitionLedger):
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL is crash-safe for process crashes in WAL mode (see the module docstring).
+        # FULL: a COMMIT is on disk before the caller goes on (see the module docstring).
         # A per-connection setting: both connections need it.
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         if inline:
             # Checkpoints are queued on the thread instead (see the module docstring), and the
@@ -469,12 +469,15 @@ class SqliteLedger(TransitionLedger):
 
     # ------------------------------------------------------------------ leases
 
-    async def _acquire(self, key: SaleKey, owner: str, lease_seconds: float) -> SaleRecord | None:
+    async def _acquire(
+        self, key: SaleKey, owner: str, lease_seconds: float, worker: str | None
+    ) -> SaleRecord | None:
         def run(conn: sqlite3.Connection) -> SaleRecord | None:
             now = self._now()  # inside the transaction (see _restamp)
             params = {
                 **schema.key_params(key),
                 "owner": owner,
+                "worker": worker,
                 "now": schema.iso(now),
                 "until": schema.iso(now + timedelta(seconds=lease_seconds)),
             }
@@ -482,3 +485,20 @@ class SqliteLedger(TransitionLedger):
             return schema.sale_from_row(row) if row is not None else None
 
         return await self._write(run)
+
+    async def heartbeat(self, worker: str, ttl_seconds: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            now = self._now()
+            conn.execute(
+                schema.HEARTBEAT,
+                {
+                    "worker": worker,
+                    "now": schema.iso(now),
+                    "until": schema.iso(now + timedelta(seconds=ttl_seconds)),
+                },
+            )
+            conn.execute(
+                schema.FORGET_DEAD_WORKERS, {"before": schema.iso(now - timedelta(days=1))}
+            )
+
+        await self._write(run)
