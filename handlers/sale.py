@@ -112,7 +112,7 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
             return Handled("skipped")
         # Pre-flight: a bad sale costs no API call and never reaches the provider.
         validate_sale(event.sale, conn)
-        provider = ctx.provider(conn)
+        provider = ctx.provider(conn, record)
         record = await _issue(event, conn, provider, record, ctx)
         return Handled("issued", (issued_event(record, event.event_id),), provider_ok=True)
 
@@ -122,7 +122,9 @@ async def _issue(
 ) -> SaleRecord:
     key = record.key
     if record.issue_in_doubt:
-        # An earlier create may have succeeded without us hearing the answer: look first.
+        # An earlier create may have succeeded without us hearing the answer: look first, and
+        # only once the provider can no longer be committing it (whoever sent it).
+        ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
         found = await provider.find_invoice(conn, key.external_key)
         if found is not None:
             log.info("invoice.found", document_id=found.document_id)
@@ -131,12 +133,20 @@ async def _issue(
             )
     _attempts_left(record.issue_attempts, provider, ctx, "the invoice")
     draft = build_draft(event, conn, ctx.today())
+    ctx.may_send()
     await ctx.ledger.start_issue(key, ctx.owner, provider.name, event.event_id)
     try:
         invoice = await provider.issue(conn, draft)
     except InvoicingError as exc:
         await ctx.ledger.issue_failed(
-            key, ctx.owner, event.event_id, exc.code, exc.message, in_doubt=exc.outcome_unknown
+            key,
+            ctx.owner,
+            event.event_id,
+            exc.code,
+            exc.message,
+            in_doubt=exc.outcome_unknown,
+            # A lookup that missed does not end an earlier send's doubt: it may still land.
+            was_in_doubt=record.issue_in_doubt,
         )
         raise
     # Recorded before invoice.issued is published: a crash now re-announces, never re-creates.
@@ -174,12 +184,19 @@ async def handle_storno(event: SaleStorno, ctx: Context) -> Handled:
                 detail="generation already voided",
             )
             return Handled("duplicate")
-        provider = ctx.provider(conn)
+        provider = ctx.provider(conn, record)
         if record.state not in (SaleState.ISSUED, SaleState.CANCEL_PENDING):
             found_record = await _find_issued(event, conn, provider, record, ctx)
             if found_record is None:
                 return await _void(event, record, ctx)
             record = found_record
+            _check_document(event, record)
+            if record.state is SaleState.CANCELLED:
+                # The provider already shows the invoice cancelled (the ledger was lost, or a
+                # cancel's answer was): recorded as it is, never cancelled a second time.
+                return Handled(
+                    "cancelled", (cancelled_event(record, event.event_id),), provider_ok=True
+                )
         _check_document(event, record)
         record = await _cancel(event, conn, provider, record, ctx)
         return Handled("cancelled", (cancelled_event(record, event.event_id),), provider_ok=True)
@@ -193,14 +210,31 @@ async def _find_issued(
     ctx: Context,
 ) -> SaleRecord | None:
     """Before a storno gives up on a sale we have no invoice for, ask the provider: an attempt
-    may have created one, or the ledger may have been lost."""
+    may have created one, or the ledger may have been lost. An invoice the provider shows as
+    cancelled comes back CANCELLED, with its cancellation document."""
     if record.state is not SaleState.NEW and not record.issue_in_doubt:
         return None
+    if record.issue_in_doubt:
+        # Voiding while a create may still land would leave a valid invoice nobody cancels.
+        ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
     found = await provider.find_invoice(conn, record.key.external_key)
     if found is None:
         return None
-    return await ctx.ledger.record_issued(
+    issued = await ctx.ledger.record_issued(
         record.key, ctx.owner, event.event_id, provider.name, found, found=True
+    )
+    if not found.cancelled:
+        return issued
+    cancellation = await provider.find_cancellation(conn, found, _cancel_request(event, issued))
+    if cancellation is None:
+        raise InvoicingError(
+            ErrorCode.PROVIDER_REJECTED,
+            f"{provider.name} shows invoice {found.invoice_number} as cancelled but its "
+            "cancellation document cannot be found: check it in the provider's UI (it is not "
+            "cancelled again)",
+        )
+    return await ctx.ledger.record_cancelled(
+        record.key, ctx.owner, event.event_id, cancellation, found=True, release=True
     )
 
 
@@ -225,6 +259,17 @@ async def _void(event: SaleStorno, record: SaleRecord, ctx: Context) -> Handled:
     return Handled("skipped")
 
 
+def _cancel_request(event: SaleStorno, record: SaleRecord) -> CancelRequest:
+    key = record.key
+    return CancelRequest(
+        tenant_id=key.tenant_id,
+        sale_id=key.sale_id,
+        invoice_generation=key.invoice_generation,
+        external_key=external_key(key.tenant_id, key.sale_id, key.invoice_generation) + ":storno",
+        reason=event.reason,
+    )
+
+
 def _check_document(event: SaleStorno, record: SaleRecord) -> None:
     if event.document_id is not None and event.document_id != record.document_id:
         raise InvoicingError(
@@ -244,27 +289,30 @@ async def _cancel(
     key = record.key
     invoice = record.invoice
     assert invoice is not None
-    request = CancelRequest(
-        tenant_id=key.tenant_id,
-        sale_id=key.sale_id,
-        invoice_generation=key.invoice_generation,
-        external_key=external_key(key.tenant_id, key.sale_id, key.invoice_generation) + ":storno",
-        reason=event.reason,
-    )
+    request = _cancel_request(event, record)
     if record.cancel_in_doubt:
-        # A cancel is never idempotent at Billingo: look for the storno before asking again.
+        # A cancel is never idempotent at Billingo: look for the storno before asking again,
+        # once the earlier cancel can no longer be committing.
+        ctx.wait_out_grace(record.cancel_sent_at, "an earlier cancel")
         found = await provider.find_cancellation(conn, invoice, request)
         if found is not None:
             return await ctx.ledger.record_cancelled(
                 key, ctx.owner, event.event_id, found, found=True, release=True
             )
     _attempts_left(record.cancel_attempts, provider, ctx, "the cancellation")
+    ctx.may_send()
     await ctx.ledger.start_cancel(key, ctx.owner, event.event_id)
     try:
         cancellation = await provider.cancel(conn, invoice, request)
     except InvoicingError as exc:
         await ctx.ledger.cancel_failed(
-            key, ctx.owner, event.event_id, exc.code, exc.message, in_doubt=exc.outcome_unknown
+            key,
+            ctx.owner,
+            event.event_id,
+            exc.code,
+            exc.message,
+            in_doubt=exc.outcome_unknown,
+            was_in_doubt=record.cancel_in_doubt,
         )
         raise
     log.info(
