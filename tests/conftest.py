@@ -231,6 +231,10 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         provider_timeout_seconds=2.0,
         connections_poll_seconds=0.1,
         lease_seconds=10.0,
+        # The sandboxes commit a request when it arrives, so a lost answer's invoice exists
+        # at once; tests that need a late commit set their own grace.
+        in_doubt_grace_seconds=1.0,
+        liveness_seconds=3.0,
         shutdown_grace_seconds=5.0,
         prefetch=32,
         billingo_requests_per_minute=0,

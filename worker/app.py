@@ -72,6 +72,8 @@ async def build(settings: Settings) -> AsyncIterator[App]:
     try:
         registry.restore(await ledger.load_connection_states())
         runtime = Runtime(settings, Names.from_settings(settings), ledger, providers, registry)
+        # Alive before the first delivery: a lease is only ever taken under a live claim.
+        await runtime.liveness.renew()
         yield App(settings, runtime, Consumer(runtime), providers)
     finally:
         for provider in providers.values():
@@ -145,12 +147,16 @@ async def serve(app: App, *, install_signals: bool = True) -> None:
     except OSError as exc:
         log.error("http.unavailable", port=app.settings.http_port, error=str(exc))
     watcher = asyncio.create_task(_watch_connections(app))
+    liveness = asyncio.create_task(app.runtime.liveness.run())
     try:
         await app.consumer.run()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, liveness):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Everything in flight is finished or handed back: nothing of ours needs its lease.
+        await app.runtime.liveness.retire()
         if runner is not None:
             await runner.cleanup()
         if install_signals:

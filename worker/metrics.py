@@ -34,11 +34,20 @@ ack_failures_total = Counter(
     "invoicing_ack_failures_total",
     "Acks that failed because the channel was lost (the message will be redelivered)",
 )
+announce_failures_total = Counter(
+    "invoicing_announce_failures_total",
+    "Outcome events that could not be published after the message's copy was parked (the "
+    "copy is not handed back twice; its next attempt announces again)",
+)
 deferred_total = Counter(
     "invoicing_deferred_total",
-    "Sales put back through a delay queue without a failure: paced (the key's rate limit) or "
-    "busy (another worker holds the sale)",
+    "Sales put back through a delay queue without a failure: paced (the key's rate limit), "
+    "busy (another worker holds the sale) or in_doubt (an earlier request's grace is not over)",
     ["reason"],
+)
+liveness_up = Gauge(
+    "invoicing_liveness_up",
+    "1 while this worker renews its liveness in the ledger (its leases are safe from takeover)",
 )
 handle_seconds = Histogram(
     "invoicing_handle_seconds",

@@ -74,8 +74,16 @@ class Settings(BaseSettings):
 
     provider_timeout_seconds: float = 15.0
     publish_timeout_seconds: float = 10.0
-    #: How long a worker may hold a sale before another worker may take it over.
+    #: How long a worker may hold a sale before another worker may take it over. One
+    #: delivery's attempt ends by a deadline of 80 % of it (attempt_deadline_seconds).
     lease_seconds: float = 90.0
+    #: A worker that stopped renewing its liveness this long ago (SIGKILL, a lost host) holds
+    #: nothing: its sales are taken over without waiting for their leases. Renewed every
+    #: quarter of it.
+    liveness_seconds: float = Field(default=6.0, gt=0)
+    #: A create or cancel whose answer was lost is looked up no sooner than this after it was
+    #: sent: a provider may still commit a request whose client already gave up.
+    in_doubt_grace_seconds: float = Field(default=60.0, ge=0)
     #: On SIGTERM: how long in-flight messages may take before they are handed back.
     shutdown_grace_seconds: float = 25.0
     #: Bodies larger than this are dead-lettered as invalid_message without being parsed.
@@ -103,6 +111,12 @@ class Settings(BaseSettings):
                 "INVOICING_LEASE_SECONDS must be at least 5 × INVOICING_PROVIDER_TIMEOUT_SECONDS"
             )
         return self
+
+    @property
+    def attempt_deadline_seconds(self) -> float:
+        """Everything one delivery does under a sale's lease ends by then (the lease outlives
+        the attempt by a fifth, for the clocks and the release)."""
+        return self.lease_seconds * 0.8
 
     @property
     def retry_ladder(self) -> tuple[float, ...]:
