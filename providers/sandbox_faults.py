@@ -7,7 +7,9 @@ their real handlers and can, per matching request:
 * ``delay``            wait, then handle normally;
 * ``drop``             close the connection without an answer, doing nothing;
 * ``commit_then_fail`` do the real work (the document is created), then answer with an error;
-* ``commit_then_hang`` do the real work, then never answer (the client times out).
+* ``commit_then_hang`` do the real work, then never answer (the client times out);
+* ``hold``             wait until the test calls ``FaultPlan.release()``, then handle normally
+  (work held in flight for as long as a test needs, without guessing a delay).
 
 Faults are controlled in-process (``FaultPlan.add``) or over HTTP (``/_sandbox/faults``) so
 tests can drive a sandbox that runs in another process.
@@ -24,7 +26,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-FaultAction = Literal["status", "delay", "drop", "commit_then_fail", "commit_then_hang"]
+FaultAction = Literal["status", "delay", "drop", "commit_then_fail", "commit_then_hang", "hold"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CONTROL_PREFIX = "/_sandbox"
@@ -70,6 +72,9 @@ class FaultPlan:
         self.faults: list[Fault] = []
         self.latency: float = 0.0
         self.requests: list[LoggedRequest] = []
+        #: Requests a ``hold`` fault is holding right now.
+        self.held = 0
+        self._release = asyncio.Event()
         self._random = random.Random(seed)
 
     def add(self, fault: Fault) -> Fault:
@@ -79,6 +84,19 @@ class FaultPlan:
     def clear(self) -> None:
         self.faults.clear()
         self.latency = 0.0
+
+    def release(self) -> None:
+        """Let every request held so far go on; later ``hold`` matches wait for the next call."""
+        self._release.set()
+        self._release = asyncio.Event()
+
+    async def hold(self) -> None:
+        released = self._release
+        self.held += 1
+        try:
+            await released.wait()
+        finally:
+            self.held -= 1
 
     def take(self, method: str, target: str) -> Fault | None:
         for fault in self.faults:
@@ -125,6 +143,9 @@ def fault_middleware(
         elif fault.action == "delay":
             await asyncio.sleep(fault.delay)
             response = await handler(request)
+        elif fault.action == "hold":
+            await plan.hold()
+            response = await handler(request)
         elif fault.action == "status":
             response = web.Response(
                 status=fault.status,
@@ -158,7 +179,8 @@ def fault_middleware(
 
 def add_control_routes(app: web.Application, plan: FaultPlan) -> None:
     """``/_sandbox/faults`` (POST a Fault as JSON, DELETE all), ``/_sandbox/latency`` (PUT
-    {"seconds": x}) and ``/_sandbox/requests`` (GET the request log)."""
+    {"seconds": x}), ``/_sandbox/release`` (POST: let held requests go on) and
+    ``/_sandbox/requests`` (GET the request log)."""
 
     async def add_fault(request: web.Request) -> web.Response:
         body: dict[str, Any] = await request.json()
@@ -174,10 +196,15 @@ def add_control_routes(app: web.Application, plan: FaultPlan) -> None:
         plan.latency = float(body["seconds"])
         return web.json_response({"seconds": plan.latency})
 
+    async def release(request: web.Request) -> web.Response:
+        plan.release()
+        return web.Response(status=204)
+
     async def requests(request: web.Request) -> web.Response:
         return web.json_response([asdict(r) for r in plan.requests])
 
     app.router.add_post(f"{CONTROL_PREFIX}/faults", add_fault)
     app.router.add_delete(f"{CONTROL_PREFIX}/faults", clear_faults)
     app.router.add_put(f"{CONTROL_PREFIX}/latency", set_latency)
+    app.router.add_post(f"{CONTROL_PREFIX}/release", release)
     app.router.add_get(f"{CONTROL_PREFIX}/requests", requests)

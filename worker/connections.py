@@ -94,6 +94,19 @@ def load_connections(path: Path, files: list[Path] | None = None) -> dict[str, T
     return tenants
 
 
+class BreakerError(InvoicingError):
+    """The error a sale is parked with while its tenant's connection is in ERROR. It says
+    nothing new about the connection: :meth:`ConnectionRegistry.assess` leaves the health as it
+    is, so the stored message is never wrapped into itself once per parked sale."""
+
+    def __init__(self, code: ErrorCode, health_message: str) -> None:
+        super().__init__(
+            code, f"connection is in ERROR ({health_message}); parked without a provider call"
+        )
+        #: The provider's own words from the call that failed, as stored in the health.
+        self.health_message = health_message
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     status: str
@@ -191,14 +204,16 @@ class ConnectionRegistry:
             return None
         # The same key that failed would fail again: park the sale without another call.
         code = ErrorCode(health.error_code) if health.error_code else ErrorCode.AUTH_FAILED
-        return InvoicingError(
-            code, f"connection is in ERROR ({health.message}); parked without a provider call"
-        )
+        return BreakerError(code, health.message)
 
     def assess(self, conn: TenantConnection, error: InvoicingError | None) -> HealthChange | None:
         """What a provider call's outcome means for the tenant's health, without applying it:
         the caller publishes the announcement first and applies the change only once the
-        broker confirmed it, so a failed publish cannot swallow a status change."""
+        broker confirmed it, so a failed publish cannot swallow a status change. The breaker's
+        own error changes nothing: no provider was asked (and storing its text would nest the
+        message one level deeper with every parked sale)."""
+        if isinstance(error, BreakerError):
+            return None
         if error is not None and error.code not in CONNECTION_ERRORS:
             return None
         new = Health(

@@ -6,30 +6,54 @@ import asyncio
 import json
 import signal
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from providers.sandbox_faults import Fault
 from tests.conftest import Env, free_port, spawn_worker, wait_until, worker_ready
 from worker.samples import paid_event
+from worker.settings import Settings
 
 pytestmark = pytest.mark.broker
+
+#: Creates held in the sandbox before the test acts: work that is certainly in flight.
+HELD = 16
+
+
+def _patient(settings: Settings) -> Settings:
+    """The worker's client must not give up on a held create while the test holds it (the
+    tests' 2 s provider timeout could pass on a busy machine before the release)."""
+    return settings.model_copy(update={"provider_timeout_seconds": 60.0, "lease_seconds": 300.0})
+
+
+def _log_lines(log: Path) -> list[dict[str, Any]]:
+    text = log.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 async def test_sigterm_mid_batch_exits_0_and_a_restart_issues_each_sale_once(env: Env) -> None:
     tenant = env.add_tenant("sigterm", "billingo")
     revoked = env.add_tenant("sigterm-revoked", "billingo")
     env.billingo.revoke(revoked.secret)
-    env.billingo.plan.latency = 0.05  # creates take a while: some are in flight at SIGTERM
+    settings = _patient(env.settings)
     log = env.tmp / "worker.log"
     port = free_port()
-    worker = await spawn_worker(env.settings, port, log)
+    worker = await spawn_worker(settings, port, log)
     await wait_until(lambda: worker_ready(port), 20, "the worker to be ready")
     sales = [paid_event(tenant.tenant_id, f"S-T-{i}") for i in range(120)]
-    for sale in sales:
+    # A first part goes through, so the metrics below have issued sales and a revoked tenant.
+    for sale in sales[:10]:
         await env.publish(sale)
     await env.publish(paid_event(revoked.tenant_id, "S-T-REVOKED"))
-    await env.outbox.wait_for(lambda o: len(o.of_type("invoice.issued")) >= 10)
+    await env.outbox.wait_for(
+        lambda o: (
+            len(o.of_type("invoice.issued")) >= 10
+            and bool(o.of_type("invoice.failed", sale_id="S-T-REVOKED"))
+        )
+    )
 
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
@@ -46,13 +70,31 @@ async def test_sigterm_mid_batch_exits_0_and_a_restart_issues_each_sale_once(env
         assert name in metrics_text, name
     assert 'outcome="issued"' in metrics_text
 
+    # The rest: every create is held in the sandbox until the test lets it go, so SIGTERM
+    # lands with work in flight and most of the batch still queued, however busy the machine.
+    hold = env.billingo.plan.add(Fault("hold", method="POST", path="/documents"))
+    for sale in sales[10:]:
+        await env.publish(sale)
+    await wait_until(lambda: env.billingo.plan.held >= HELD, 30, f"{HELD} creates held")
     worker.send_signal(signal.SIGTERM)
-    grace = env.settings.shutdown_grace_seconds
+    await wait_until(
+        lambda: any(line.get("event") == "consumer.draining" for line in _log_lines(log)),
+        30,
+        "the worker to start draining",
+    )
+    in_flight = env.billingo.plan.held
+    assert len(env.documents(tenant.tenant_id)) == 10  # nothing held has been created yet
+    hold.times = 0  # no more holds, then let the held creates finish within the grace
+    env.billingo.plan.release()
+    grace = settings.shutdown_grace_seconds
     assert await asyncio.wait_for(worker.wait(), grace + 5) == 0
-    issued_before_restart = len(env.outbox.of_type("invoice.issued"))
-    assert issued_before_restart < len(sales), "the batch finished before SIGTERM; no test"
+    issued_before_restart = len(env.documents(tenant.tenant_id))
+    # The drain finished the held work instead of handing it back, and stopped there.
+    assert issued_before_restart >= 10 + in_flight
+    assert issued_before_restart < len(sales)
+    assert not any(line.get("event") == "consumer.handed_back" for line in _log_lines(log))
 
-    worker = await spawn_worker(env.settings, port, log)
+    worker = await spawn_worker(settings, port, log)
     try:
         await env.outbox.wait_for(
             lambda o: (
@@ -70,8 +112,7 @@ async def test_sigterm_mid_batch_exits_0_and_a_restart_issues_each_sale_once(env
     assert len(documents) == len(sales)
     assert len(set(vendor_ids)) == len(sales)  # exactly one invoice per sale
     text = log.read_text(encoding="utf-8")
-    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-    assert any(line.get("event") == "consumer.draining" for line in lines)
+    lines = _log_lines(log)
     assert any(line.get("error_code") == "auth_failed" for line in lines)
     for secret in (tenant.secret, revoked.secret):
         assert secret not in text  # keys never reach the logs
@@ -84,18 +125,25 @@ def _rabbitmqctl(*args: str) -> None:
 @pytest.mark.timeout(240)
 async def test_broker_restart_mid_batch_each_sale_issued_once(env: Env) -> None:
     tenant = env.add_tenant("restart", "billingo")
-    env.billingo.plan.latency = 0.02
     log = env.tmp / "worker.log"
     port = free_port()
-    worker = await spawn_worker(env.settings, port, log)
+    worker = await spawn_worker(_patient(env.settings), port, log)
     try:
         await wait_until(lambda: worker_ready(port), 20, "the worker to be ready")
+        # Creates are held until the broker is down: the restart certainly lands mid batch
+        # (with 0.02 s per create the batch could finish before rabbitmqctl even ran).
+        hold = env.billingo.plan.add(Fault("hold", method="POST", path="/documents"))
         sales = [paid_event(tenant.tenant_id, f"S-BR-{i}") for i in range(150)]
         for sale in sales:
             await env.publish(sale)
-        await wait_until(lambda: len(env.documents(tenant.tenant_id)) >= 10, what="progress")
+        await wait_until(lambda: env.billingo.plan.held >= HELD, 30, f"{HELD} creates held")
 
         await asyncio.to_thread(_rabbitmqctl, "stop_app")
+        # The held creates finish while the broker is away: their outcomes cannot be
+        # announced or acked, so the ledger must turn the re-deliveries into no second invoice.
+        assert env.documents(tenant.tenant_id) == []
+        hold.times = 0
+        env.billingo.plan.release()
         await asyncio.to_thread(_rabbitmqctl, "start_app")
         await asyncio.to_thread(_rabbitmqctl, "await_startup")
 

@@ -116,3 +116,43 @@ def test_a_key_rotated_in_its_secret_file_is_noticed(tmp_path: Path) -> None:
     conn = registry.get("a")
     assert conn is not None
     assert conn.secret.get_secret_value() == "new-key-2"
+
+
+def test_the_breaker_message_stays_bounded_however_many_sales_are_parked(
+    tmp_path: Path,
+) -> None:
+    # The pipeline assesses the breaker's own error like any other failure; before, each
+    # parked sale wrapped the stored message once more (57,015 characters after 1,000 sales).
+    path = tmp_path / "c.toml"
+    path.write_text('[tenants.a]\nprovider = "billingo"\napi_key = "k1"\nblock_id = 1\n')
+    registry = ConnectionRegistry(path)
+    registry.load()
+    conn = registry.get("a")
+    assert conn is not None
+    change = registry.assess(conn, InvoicingError(ErrorCode.AUTH_FAILED, "401 Unauthorized"))
+    assert change is not None
+    registry.apply(change)
+
+    lengths: set[tuple[int, int]] = set()
+    for _ in range(1000):
+        breaker = registry.breaker_error(conn)
+        assert breaker is not None
+        assert breaker.code is ErrorCode.AUTH_FAILED
+        change = registry.assess(conn, breaker)
+        if change is not None:
+            assert change.event is None  # the same ERROR: nothing to announce
+            registry.apply(change)
+        health = registry.health("a")
+        assert health is not None
+        assert health.status == "ERROR"
+        lengths.add((len(health.message), len(breaker.message)))
+    assert len(lengths) == 1, sorted(lengths)[:3]
+    ((health_length, breaker_length),) = lengths
+    assert health_length < 500
+    assert breaker_length < 500
+    health = registry.health("a")
+    assert health is not None
+    assert health.message == "401 Unauthorized"
+    breaker = registry.breaker_error(conn)
+    assert breaker is not None
+    assert "401 Unauthorized" in breaker.message
