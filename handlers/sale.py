@@ -15,6 +15,7 @@ import structlog
 from handlers.context import Context, Handled
 from handlers.draft import build_draft, external_key
 from handlers.errors import ErrorCode, InvoicingError
+from handlers.ledger import SaleKey, SaleRecord, SaleState
 from handlers.messages import (
     CancellationInfo,
     InvoiceCancelled,
@@ -25,7 +26,6 @@ from handlers.messages import (
 )
 from handlers.validation import validate_sale
 from providers.base import CancelRequest, Provider, TenantConnection
-from worker.ledger.model import SaleKey, SaleRecord, SaleState
 
 log = structlog.get_logger(__name__)
 

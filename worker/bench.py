@@ -1719,8 +1719,8 @@ async def ceiling_loop(spec: dict[str, Any]) -> None:
     import aio_pika
     import aiohttp
 
+    from handlers.ledger import SaleKey
     from providers.base import IssuedInvoice
-    from worker.ledger.model import SaleKey
     from worker.ledger.sqlite import SqliteLedger
 
     done = asyncio.Event()

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify
 from handlers.context import Context, Deferred, Handled, SaleBusy, Throttled
 from handlers.errors import ErrorCode, InvoicingError
+from handlers.ledger import LeaseLost, Ledger, SaleKey
 from handlers.messages import (
     INBOUND_TYPES,
     ErrorInfo,
@@ -38,7 +39,6 @@ from handlers.sale import handle_paid, handle_storno
 from providers.base import Provider
 from worker import metrics
 from worker.connections import ConnectionRegistry, HealthChange
-from worker.ledger.model import LeaseLost, Ledger, SaleKey
 from worker.logging import scrub_text
 from worker.publisher import Publisher
 from worker.settings import Settings
