@@ -14,7 +14,6 @@ import structlog
 
 from handlers.context import Context, Handled
 from handlers.draft import build_draft, external_key
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.ledger import SaleKey, SaleRecord, SaleState
 from handlers.messages import (
     CancellationInfo,
@@ -26,6 +25,7 @@ from handlers.messages import (
 )
 from handlers.validation import validate_sale
 from providers.base import CancelRequest, Provider, TenantConnection
+from providers.errors import ErrorCode, InvoicingError
 
 log = structlog.get_logger(__name__)
 

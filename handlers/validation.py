@@ -3,7 +3,7 @@
 :func:`validate_sale` raises :class:`InvoicingError` with the first problem it finds, checking
 in this order: currency and language, customer, tax numbers, items. Every message names what is
 wrong and where ("line 2 'Breakfast': ..."), so a person can fix it from the message plus the
-code's generic fix (``handlers.errors.FIXES``). Provider differences live in one table,
+code's generic fix (``providers.errors.FIXES``). Provider differences live in one table,
 :data:`PROVIDER_RULES`.
 
 Decisions (the reference notes: shared/reference/hungarian-invoicing-and-peers.md Part 1):
@@ -41,9 +41,9 @@ from handlers.amounts import (
     compute_line,
     currency_places,
 )
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import Customer, Item, Sale
 from providers.base import InvoiceLine, TenantConnection
+from providers.errors import ErrorCode, InvoicingError
 
 # ---- provider rules ---------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 A provider turns an :class:`InvoiceDraft` (provider-neutral, amounts already computed) into a
 real document, cancels one, and finds documents again by the deterministic external key.
-Providers raise :class:`handlers.errors.InvoicingError` with contract codes; they never decide
+Providers raise :class:`providers.errors.InvoicingError` with contract codes; they never decide
 retries, never touch the broker and never log secrets.
 """
 

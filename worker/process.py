@@ -24,7 +24,6 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify
 from handlers.context import Context, Deferred, Handled, SaleBusy, Throttled
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.ledger import LeaseLost, Ledger, SaleKey
 from handlers.messages import (
     INBOUND_TYPES,
@@ -37,6 +36,7 @@ from handlers.messages import (
 from handlers.parse import decode_body, event_from, peek_tenant, tenant_of
 from handlers.sale import handle_paid, handle_storno
 from providers.base import Provider
+from providers.errors import ErrorCode, InvoicingError
 from worker import metrics
 from worker.connections import ConnectionRegistry, HealthChange
 from worker.logging import scrub_text

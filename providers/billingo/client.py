@@ -21,7 +21,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import ProviderName
 from providers.base import (
     Cancellation,
@@ -33,6 +32,7 @@ from providers.base import (
     no_observer,
 )
 from providers.billingo import mapping
+from providers.errors import ErrorCode, InvoicingError
 from providers.ratelimit import KeyRateLimiter, key_id
 
 K = TypeVar("K")

@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 
 from handlers.amounts import round_money
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import Customer, PaymentMethod
 from providers.base import Cancellation, InvoiceDraft, InvoiceLine, IssuedInvoice
+from providers.errors import ErrorCode, InvoicingError
 
 JsonDict = dict[str, Any]
 

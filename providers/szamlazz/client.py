@@ -16,7 +16,6 @@ from typing import TypeVar
 
 import aiohttp
 
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import ProviderName
 from providers.base import (
     Cancellation,
@@ -27,6 +26,7 @@ from providers.base import (
     TenantConnection,
     no_observer,
 )
+from providers.errors import ErrorCode, InvoicingError
 from providers.ratelimit import KeyRateLimiter, key_id
 from providers.szamlazz.xml import (
     ACTION_INVOICE,

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from handlers.errors import ErrorCode, InvoicingError
 from providers.base import CancelRequest, TenantConnection
 from providers.billingo import BillingoProvider, BillingoSandbox
+from providers.errors import ErrorCode, InvoicingError
 from providers.sandbox_faults import Fault
 from tests.unit.test_billingo_mapping import make_draft
 

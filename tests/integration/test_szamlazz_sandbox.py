@@ -14,8 +14,8 @@ import pytest
 from lxml import etree
 from pydantic import SecretStr
 
-from handlers.errors import ErrorCode, InvoicingError
 from providers.base import TenantConnection
+from providers.errors import ErrorCode, InvoicingError
 from providers.sandbox_faults import Fault
 from providers.szamlazz import SzamlazzProvider
 from providers.szamlazz.sandbox import SzamlazzSandbox

@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import SalePaid, SaleStorno
 from handlers.parse import parse_event, peek_tenant
+from providers.errors import ErrorCode, InvoicingError
 from worker.samples import paid_event, storno_event
 
 

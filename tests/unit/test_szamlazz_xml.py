@@ -14,9 +14,9 @@ from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from handlers.amounts import compute_line
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import Customer, Item
 from providers.base import CancelRequest, InvoiceDraft, InvoiceLine, TenantConnection
+from providers.errors import ErrorCode, InvoicingError
 from providers.szamlazz.sandbox import line_errors
 from providers.szamlazz.xml import (
     NS_INVOICE,
