@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from handlers.messages import Customer, PaymentMethod, ProviderName
+from providers.values import Customer, PaymentMethod, ProviderName
 
 
 class TenantConnection(BaseModel):

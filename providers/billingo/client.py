@@ -21,7 +21,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from handlers.messages import ProviderName
 from providers.base import (
     Cancellation,
     CancelRequest,
@@ -34,6 +33,7 @@ from providers.base import (
 from providers.billingo import mapping
 from providers.errors import ErrorCode, InvoicingError
 from providers.ratelimit import KeyRateLimiter, key_id
+from providers.values import ProviderName
 
 K = TypeVar("K")
 V = TypeVar("V")

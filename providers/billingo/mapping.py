@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
-from handlers.amounts import round_money
-from handlers.messages import Customer, PaymentMethod
 from providers.base import Cancellation, InvoiceDraft, InvoiceLine, IssuedInvoice
 from providers.errors import ErrorCode, InvoicingError
+from providers.money import round_money
+from providers.values import Customer, PaymentMethod
 
 JsonDict = dict[str, Any]
 

@@ -16,7 +16,6 @@ from typing import TypeVar
 
 import aiohttp
 
-from handlers.messages import ProviderName
 from providers.base import (
     Cancellation,
     CancelRequest,
@@ -42,6 +41,7 @@ from providers.szamlazz.xml import (
     read_answer,
     read_query,
 )
+from providers.values import ProviderName
 
 T = TypeVar("T", AgentAnswer, InvoiceRecord | AgentAnswer)
 

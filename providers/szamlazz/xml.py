@@ -19,9 +19,9 @@ from urllib.parse import unquote_plus
 
 from lxml import etree
 
-from handlers.messages import Customer, PaymentMethod
 from providers.base import CancelRequest, InvoiceDraft, InvoiceLine, TenantConnection
 from providers.errors import ErrorCode, InvoicingError
+from providers.values import Customer, PaymentMethod
 
 NS_INVOICE = "http://www.szamlazz.hu/xmlszamla"
 NS_REVERSE = "http://www.szamlazz.hu/xmlszamlast"
