@@ -23,7 +23,7 @@ Decisions (the reference notes: shared/reference/hungarian-invoicing-and-peers.m
   net = net unit price × quantity within one unit of the currency (1 Ft, 0.01 otherwise; NAV's
   own tolerance) plus the rounding of a 4-decimal unit price, VAT = net × rate / 100 within
   one unit, gross = net + VAT exactly, and the amounts carry the currency's decimals (HUF whole
-  forints, others two). The same tolerances as providers/szamlazz/sandbox.py line_errors.
+  forints, others two): the tolerances of the Számla Agent's documented checks 259–264.
 """
 
 from __future__ import annotations

@@ -293,7 +293,7 @@ class SzamlazzProvider:
         key = hashlib.sha256(conn.secret.get_secret_value().encode()).hexdigest()
         session = self._sessions.get(key)
         if session is None or session.closed:
-            # unsafe=True keeps cookies of IP-address hosts (the sandbox on 127.0.0.1).
+            # unsafe=True keeps cookies of IP-address hosts too (an Agent URL given as an IP).
             session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 cookie_jar=aiohttp.CookieJar(unsafe=True),

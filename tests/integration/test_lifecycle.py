@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Env, free_port, spawn_worker, wait_until, worker_ready
-from worker.samples import paid_event
+from worker.devtools.samples import paid_event
 
 pytestmark = pytest.mark.broker
 

@@ -10,7 +10,7 @@ import pytest
 from handlers.messages import SalePaid, SaleStorno
 from handlers.parse import parse_event, peek_tenant
 from providers.errors import ErrorCode, InvoicingError
-from worker.samples import paid_event, storno_event
+from worker.devtools.samples import paid_event, storno_event
 
 
 def body(event: dict[str, object]) -> bytes:

@@ -17,7 +17,6 @@ from handlers.amounts import compute_line
 from handlers.messages import Customer, Item
 from providers.base import CancelRequest, InvoiceDraft, InvoiceLine, TenantConnection
 from providers.errors import ErrorCode, InvoicingError
-from providers.szamlazz.sandbox import line_errors
 from providers.szamlazz.xml import (
     NS_INVOICE,
     AgentAnswer,
@@ -31,6 +30,7 @@ from providers.szamlazz.xml import (
     read_query,
     schema_errors,
 )
+from worker.devtools.szamlazz_sandbox import line_errors
 
 SAMPLES = Path("/work/shared/reference/szamlazz-samples")
 KEY = "abcdefghijklmnopqrstuvwxyz0123456789abcdef"

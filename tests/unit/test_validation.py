@@ -20,7 +20,7 @@ from handlers.validation import (
 )
 from providers.base import InvoiceLine, TenantConnection
 from providers.errors import FIXES, ErrorCode, InvoicingError
-from worker.samples import COMPANY
+from worker.devtools.samples import COMPANY
 
 HU_COMPANY: dict[str, Any] = COMPANY  # the contract's example buyer
 DE_COMPANY: dict[str, Any] = {

@@ -29,7 +29,7 @@ from providers.billingo.mapping import (
     json_number,
 )
 from providers.money import round_money
-from providers.sandbox_faults import (
+from worker.devtools.faults import (
     CONTROL_PREFIX,
     FaultPlan,
     Handler,
