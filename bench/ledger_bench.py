@@ -17,8 +17,8 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+from handlers.ledger import SaleKey
 from providers.base import IssuedInvoice
-from worker.ledger.model import SaleKey
 from worker.ledger.sqlite import SqliteLedger
 
 INVOICE = IssuedInvoice("doc-1", "INV-1", Decimal("49980.00"), "HUF")

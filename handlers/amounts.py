@@ -16,6 +16,8 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from handlers.messages import Item
 from providers.base import InvoiceLine
+from providers.money import currency_places as currency_places
+from providers.money import round_money as round_money
 
 #: Percentage labels a sale may use for Hungarian VAT; special codes carry no VAT (rate 0).
 VAT_PERCENTAGES: dict[str, Decimal] = {"27%": Decimal(27), "18%": Decimal(18), "5%": Decimal(5)}
@@ -45,17 +47,6 @@ SPECIAL_VAT_CODES: frozenset[str] = frozenset(
 
 #: Unit prices travel with at most four decimals (Számla Agent nettoEgysegar, Billingo).
 UNIT_PRICE_PLACES = Decimal("0.0001")
-
-
-def currency_places(currency: str) -> Decimal:
-    """The smallest amount an invoice line carries: whole forints, cents otherwise."""
-    return Decimal(1) if currency.upper() == "HUF" else Decimal("0.01")
-
-
-def round_money(value: Decimal, currency: str) -> Decimal:
-    rounded = value.quantize(currency_places(currency), rounding=ROUND_HALF_UP)
-    # A small negative amount rounds to -0, which would print as "-0" on the invoice.
-    return rounded.copy_abs() if rounded == 0 else rounded
 
 
 def vat_rate(label: str) -> Decimal:

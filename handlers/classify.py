@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from handlers.errors import ErrorCode, InvoicingError
+from providers.errors import ErrorCode, InvoicingError
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,10 @@ from typing import Literal, Protocol
 
 import structlog
 
-from handlers.errors import ErrorCode, InvoicingError
+from handlers.ledger import Ledger, SaleKey, SaleRecord
 from handlers.messages import OutEvent
 from providers.base import Provider, TenantConnection
-from worker.ledger.model import Ledger, SaleKey, SaleRecord
+from providers.errors import ErrorCode, InvoicingError
 
 log = structlog.get_logger(__name__)
 

@@ -16,8 +16,11 @@ from pydantic import (
     field_validator,
 )
 
-ProviderName = Literal["billingo", "szamlazz"]
-PaymentMethod = Literal["cash", "bankcard", "transfer", "szep_card", "online"]
+from providers.values import Address as Address
+from providers.values import Customer as Customer
+from providers.values import Inbound
+from providers.values import PaymentMethod as PaymentMethod
+from providers.values import ProviderName as ProviderName
 
 
 def _decimal_from_string(value: Any) -> Any:
@@ -36,25 +39,8 @@ Money = Annotated[
 ]
 
 
-class _In(BaseModel):
-    # Unknown extra fields are ignored (CONTRACTS §4); the models are read-only once parsed.
-    model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
-
-
-class Address(_In):
-    country_code: str = Field(min_length=2, max_length=2)
-    post_code: str = Field(min_length=1, max_length=16)
-    city: str = Field(min_length=1, max_length=200)
-    street: str = Field(min_length=1, max_length=300)
-
-
-class Customer(_In):
-    kind: Literal["person", "company"]
-    name: str = Field(min_length=1, max_length=300)
-    email: str | None = Field(default=None, max_length=300)
-    tax_number: str | None = Field(default=None, max_length=32)
-    eu_vat_number: str | None = Field(default=None, max_length=32)
-    address: Address
+# Unknown extra fields are ignored (CONTRACTS §4); the models are read-only once parsed.
+_In = Inbound
 
 
 class Item(_In):

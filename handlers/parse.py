@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import INBOUND_TYPES, SalePaid, SaleStorno
+from providers.errors import ErrorCode, InvoicingError
 
 
 def _invalid(message: str) -> InvoicingError:

@@ -14,7 +14,7 @@ import structlog
 
 from handlers.context import Context, Handled
 from handlers.draft import build_draft, external_key
-from handlers.errors import ErrorCode, InvoicingError
+from handlers.ledger import SaleKey, SaleRecord, SaleState
 from handlers.messages import (
     CancellationInfo,
     InvoiceCancelled,
@@ -25,7 +25,7 @@ from handlers.messages import (
 )
 from handlers.validation import validate_sale
 from providers.base import CancelRequest, Provider, TenantConnection
-from worker.ledger.model import SaleKey, SaleRecord, SaleState
+from providers.errors import ErrorCode, InvoicingError
 
 log = structlog.get_logger(__name__)
 

@@ -3,8 +3,8 @@
 :func:`validate_sale` raises :class:`InvoicingError` with the first problem it finds, checking
 in this order: currency and language, customer, tax numbers, items. Every message names what is
 wrong and where ("line 2 'Breakfast': ..."), so a person can fix it from the message plus the
-code's generic fix (``handlers.errors.FIXES``). Provider differences live in one table,
-:data:`PROVIDER_RULES`.
+code's generic fix (``providers.errors.FIXES``). Provider differences are the providers' own
+rules (currencies, languages, VAT labels), asked for by name through :mod:`providers.rules`.
 
 Decisions (the reference notes: shared/reference/hungarian-invoicing-and-peers.md Part 1):
 
@@ -23,16 +23,13 @@ Decisions (the reference notes: shared/reference/hungarian-invoicing-and-peers.m
   net = net unit price × quantity within one unit of the currency (1 Ft, 0.01 otherwise; NAV's
   own tolerance) plus the rounding of a 4-decimal unit price, VAT = net × rate / 100 within
   one unit, gross = net + VAT exactly, and the amounts carry the currency's decimals (HUF whole
-  forints, others two). The same tolerances as providers/szamlazz/sandbox.py line_errors.
+  forints, others two): the tolerances of the Számla Agent's documented checks 259–264.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Decimal
-from types import MappingProxyType
 
 from handlers.amounts import (
     SPECIAL_VAT_CODES,
@@ -41,102 +38,16 @@ from handlers.amounts import (
     compute_line,
     currency_places,
 )
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import Customer, Item, Sale
-from providers.base import InvoiceLine, TenantConnection
-
-# ---- provider rules ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderRules:
-    """What one provider accepts. ``vat_labels`` maps each contract VAT label the provider
-    can invoice to the provider's own VAT key (Billingo ``vat``, Számla Agent ``afakulcs``)."""
-
-    display_name: str
-    currencies: frozenset[str]
-    languages: frozenset[str]
-    vat_labels: Mapping[str, str]
+from providers.base import InvoiceLine, ProviderRules, TenantConnection
+from providers.errors import ErrorCode, InvoicingError
+from providers.rules import PROVIDER_RULES as PROVIDER_RULES
+from providers.rules import rules_for
 
 
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
-
-def _labels(special: dict[str, str], percent: Mapping[str, str]) -> Mapping[str, str]:
-    return MappingProxyType({**percent, **special})
-
-
-PROVIDER_RULES: dict[str, ProviderRules] = {
-    "billingo": ProviderRules(
-        display_name="Billingo",
-        # billingo-api.md §3: Currency and DocumentLanguage enums of spec 3.0.14.
-        currencies=_words(
-            "AED AUD BGN BRL CAD CHF CNY CZK DKK EUR GBP HKD HRK HUF IDR ILS INR ISK JPY KRW "
-            "MXN MYR NOK NZD PHP PLN RON RSD RUB SEK SGD THB TRY UAH USD ZAR"
-        ),
-        languages=_words("de en fr hr hu it ro sk us"),
-        # NAV exemption reasons that are not Billingo Vat values ride on the Vat value of
-        # their category (the entitlement names the reason): as providers/billingo/mapping.py.
-        vat_labels=_labels(
-            {
-                "AAM": "AAM",
-                "TAM": "TAM",
-                "EU": "EU",
-                "EUK": "EUK",
-                "MAA": "MAA",
-                "F.AFA": "F.AFA",
-                "K.AFA": "K.AFA",
-                "ÁKK": "ÁKK",
-                "ÁTHK": "ÁTHK",
-                "KBAET": "EU",
-                "EAM": "EUK",
-                "NAM": "AM",
-                "ATK": "ÁTHK",
-                "EUFAD37": "ÁTHK",
-                "EUFADE": "ÁTHK",
-                "EUE": "ÁTHK",
-                "HO": "ÁTHK",
-            },
-            {"27%": "27%", "18%": "18%", "5%": "5%"},
-        ),
-    ),
-    "szamlazz": ProviderRules(
-        display_name="Számlázz.hu",
-        # szamlazz-agent.md §7 (penznem without the "Ft" alias, szamlaNyelve, afakulcs).
-        currencies=_words(
-            "HUF EUR CHF USD AED ALL AUD BAM BGN BRL CAD CNY CZK DKK EEK GBP HKD HRK IDR ILS "
-            "INR ISK JPY KRW KWD KSH KZT LTL LVL MXN MYR NOK NZD PHP PLN RON RSD RUB SEK SGD "
-            "THB TRY TWD UAH VND ZAR"
-        ),
-        languages=_words("hu en de it ro sk hr fr es cz pl bg nl ru si"),
-        # The legacy labels map onto the current VAT page's keys of the same meaning, as
-        # providers/szamlazz/xml.py sends them (EU-n belüli → EUT, EU-n kívüli → EUKT, outside
-        # the VAT Act → ATK). MAA ("exempt", no NAV case) is not on the current page, so it is
-        # refused here rather than risked at the Agent: the sale must name the exemption.
-        vat_labels=_labels(
-            {
-                "AAM": "AAM",
-                "TAM": "TAM",
-                "EU": "EUT",
-                "EUK": "EUKT",
-                "F.AFA": "F.AFA",
-                "K.AFA": "K.AFA",
-                "ÁKK": "ATK",
-                "ÁTHK": "ATK",
-                "KBAET": "KBAET",
-                "EAM": "EAM",
-                "NAM": "NAM",
-                "ATK": "ATK",
-                "EUFAD37": "EUFAD37",
-                "EUFADE": "EUFADE",
-                "EUE": "EUE",
-                "HO": "HO",
-            },
-            {"27%": "27", "18%": "18", "5%": "5"},
-        ),
-    ),
-}
 
 # ---- countries --------------------------------------------------------------------------
 
@@ -328,7 +239,7 @@ def _present(value: str | None) -> str | None:
 
 
 def _check_currency_and_language(sale: Sale, conn: TenantConnection) -> None:
-    rules = PROVIDER_RULES[conn.provider]
+    rules = rules_for(conn.provider)
     name = rules.display_name
     if conn.currency not in rules.currencies:
         raise _fail(
@@ -642,4 +553,4 @@ def validate_sale(sale: Sale, conn: TenantConnection) -> None:
     _check_currency_and_language(sale, conn)
     _check_customer(sale.customer)
     _check_tax_numbers(sale.customer)
-    _check_items(sale, PROVIDER_RULES[conn.provider])
+    _check_items(sale, rules_for(conn.provider))

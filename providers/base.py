@@ -2,14 +2,14 @@
 
 A provider turns an :class:`InvoiceDraft` (provider-neutral, amounts already computed) into a
 real document, cancels one, and finds documents again by the deterministic external key.
-Providers raise :class:`handlers.errors.InvoicingError` with contract codes; they never decide
+Providers raise :class:`providers.errors.InvoicingError` with contract codes; they never decide
 retries, never touch the broker and never log secrets.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from handlers.messages import Customer, PaymentMethod, ProviderName
+from providers.values import Customer, PaymentMethod, ProviderName
 
 
 class TenantConnection(BaseModel):
@@ -127,6 +127,17 @@ class CancelRequest:
 #: Called once per HTTP request: (provider, operation, status, seconds). ``status`` is the
 #: HTTP status as a string, or an error class ("timeout", "network_error").
 RequestObserver = Callable[[str, str, str, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRules:
+    """What one provider accepts. ``vat_labels`` maps each contract VAT label the provider
+    can invoice to the provider's own VAT key (Billingo ``vat``, Számla Agent ``afakulcs``)."""
+
+    display_name: str
+    currencies: frozenset[str]
+    languages: frozenset[str]
+    vat_labels: Mapping[str, str]
 
 
 def no_observer(provider: str, operation: str, status: str, seconds: float) -> None:

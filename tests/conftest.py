@@ -24,10 +24,10 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from providers.billingo.sandbox import BillingoSandbox
-from providers.szamlazz.sandbox import SzamlazzSandbox
 from worker.app import App, build, serve
-from worker.samples import Outbox, publish_event, publish_raw
+from worker.devtools.billingo_sandbox import BillingoSandbox
+from worker.devtools.samples import Outbox, publish_event, publish_raw
+from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 from worker.settings import Settings
 from worker.topology import Names, declare
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from handlers.errors import CONNECTION_ERRORS, InvoicingError
 from handlers.messages import OutEvent
 from providers.base import Provider
 from providers.billingo.client import BillingoProvider
+from providers.errors import CONNECTION_ERRORS, InvoicingError
 from providers.szamlazz.client import SzamlazzProvider
 from worker import dlq, http, metrics
 from worker.connections import ConnectionRegistry

@@ -17,11 +17,11 @@ from typing import Any, Literal
 import structlog
 from pydantic import SecretStr, ValidationError
 
-from handlers.errors import CONNECTION_ERRORS, ErrorCode, InvoicingError
+from handlers.ledger import ConnectionState
 from handlers.messages import ConnectionStatus
 from providers.base import TenantConnection
+from providers.errors import CONNECTION_ERRORS, ErrorCode, InvoicingError
 from worker import metrics
-from worker.ledger.model import ConnectionState
 
 log = structlog.get_logger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify
 from handlers.context import Deferred, Handled
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import INBOUND_TYPES, ErrorInfo, InvoiceFailed, OutEvent, ProviderName
+from providers.errors import ErrorCode, InvoicingError
 from worker.logging import scrub_text
 from worker.topology import Names
 

@@ -40,8 +40,8 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from handlers.errors import FIXES, ErrorCode
 from handlers.parse import peek_tenant
+from providers.errors import FIXES, ErrorCode
 from worker.publisher import copy_message
 from worker.settings import Settings
 

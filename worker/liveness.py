@@ -17,8 +17,8 @@ import time
 
 import structlog
 
+from handlers.ledger import Ledger
 from worker import metrics
-from worker.ledger.model import Ledger
 
 log = structlog.get_logger(__name__)
 

@@ -29,15 +29,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from handlers.classify import RetryPolicy
 from handlers.context import Context, Deferred, Handled, InDoubtWait, SaleBusy, Throttled
-from handlers.errors import ErrorCode, InvoicingError
+from handlers.ledger import LeaseLost, Ledger, SaleKey
 from handlers.messages import ProviderName, SalePaid, SaleStorno
 from handlers.parse import decode_body, event_from, peek_tenant, tenant_of
 from handlers.sale import handle_paid, handle_storno
 from providers.base import Provider
+from providers.errors import ErrorCode, InvoicingError
 from worker import metrics
 from worker.connections import ConnectionRegistry, HealthChange
 from worker.decide import Ack, Attempt, HandBack, Outcome, Park, Subject, decide
-from worker.ledger.model import LeaseLost, Ledger, SaleKey
 from worker.liveness import Liveness
 from worker.publisher import Publisher
 from worker.settings import Settings

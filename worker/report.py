@@ -6,10 +6,10 @@ import collections
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from handlers.ledger import ConnectionState, SaleRecord, SaleState
 from worker import dlq
 from worker.connections import ConnectionRegistry
 from worker.ledger import open_ledger
-from worker.ledger.model import ConnectionState, SaleRecord, SaleState
 from worker.settings import Settings
 
 #: Storno rate thresholds of the help pages: 1-2 % is normal, 5 % and more is a problem.

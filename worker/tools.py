@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from handlers.errors import InvoicingError
+from providers.errors import InvoicingError
 from worker.app import load_registry, make_providers
 from worker.settings import Settings
 

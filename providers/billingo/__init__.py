@@ -1,6 +1,5 @@
-"""Billingo API v3: the provider client and a local sandbox that speaks the same protocol."""
+"""Billingo API v3: the provider client."""
 
 from providers.billingo.client import BillingoProvider
-from providers.billingo.sandbox import BillingoSandbox
 
-__all__ = ["BillingoProvider", "BillingoSandbox"]
+__all__ = ["BillingoProvider"]

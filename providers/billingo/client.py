@@ -21,8 +21,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from handlers.errors import ErrorCode, InvoicingError
-from handlers.messages import ProviderName
 from providers.base import (
     Cancellation,
     CancelRequest,
@@ -33,7 +31,9 @@ from providers.base import (
     no_observer,
 )
 from providers.billingo import mapping
+from providers.errors import ErrorCode, InvoicingError
 from providers.ratelimit import KeyRateLimiter, key_id
+from providers.values import ProviderName
 
 K = TypeVar("K")
 V = TypeVar("V")

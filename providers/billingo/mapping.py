@@ -9,14 +9,21 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 
-from handlers.amounts import round_money
-from handlers.errors import ErrorCode, InvoicingError
-from handlers.messages import Customer, PaymentMethod
-from providers.base import Cancellation, InvoiceDraft, InvoiceLine, IssuedInvoice
+from providers.base import (
+    Cancellation,
+    InvoiceDraft,
+    InvoiceLine,
+    IssuedInvoice,
+    ProviderRules,
+)
+from providers.errors import ErrorCode, InvoicingError
+from providers.money import round_money
+from providers.values import Customer, PaymentMethod
 
 JsonDict = dict[str, Any]
 
@@ -74,6 +81,19 @@ SPECIAL_VAT: dict[str, tuple[str, str | None]] = {
     "HO": ("ÁTHK", "HO"),
 }
 PERCENT_VAT: frozenset[str] = frozenset({"27%", "18%", "5%"})
+
+#: What pre-flight validation checks a sale against before anything is sent to Billingo.
+#: NAV exemption reasons that are not Billingo Vat values ride on the Vat value of their
+#: category (the entitlement names the reason), as :func:`vat` sends them.
+RULES = ProviderRules(
+    display_name="Billingo",
+    currencies=CURRENCIES,
+    languages=LANGUAGES,
+    vat_labels=MappingProxyType(
+        {label: label for label in ("27%", "18%", "5%")}
+        | {label: value for label, (value, _) in SPECIAL_VAT.items()}
+    ),
+)
 
 #: Calls that change state at Billingo: a lost answer may hide a created document.
 MUTATING_OPERATIONS: frozenset[str] = frozenset({"create_document", "cancel_document"})

@@ -16,8 +16,6 @@ from typing import TypeVar
 
 import aiohttp
 
-from handlers.errors import ErrorCode, InvoicingError
-from handlers.messages import ProviderName
 from providers.base import (
     Cancellation,
     CancelRequest,
@@ -27,6 +25,7 @@ from providers.base import (
     TenantConnection,
     no_observer,
 )
+from providers.errors import ErrorCode, InvoicingError
 from providers.ratelimit import KeyRateLimiter, key_id
 from providers.szamlazz.xml import (
     ACTION_INVOICE,
@@ -42,6 +41,7 @@ from providers.szamlazz.xml import (
     read_answer,
     read_query,
 )
+from providers.values import ProviderName
 
 T = TypeVar("T", AgentAnswer, InvoiceRecord | AgentAnswer)
 
@@ -293,7 +293,7 @@ class SzamlazzProvider:
         key = hashlib.sha256(conn.secret.get_secret_value().encode()).hexdigest()
         session = self._sessions.get(key)
         if session is None or session.closed:
-            # unsafe=True keeps cookies of IP-address hosts (the sandbox on 127.0.0.1).
+            # unsafe=True keeps cookies of IP-address hosts too (an Agent URL given as an IP).
             session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 cookie_jar=aiohttp.CookieJar(unsafe=True),

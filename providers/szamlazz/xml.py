@@ -14,14 +14,21 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from importlib import resources
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import unquote_plus
 
 from lxml import etree
 
-from handlers.errors import ErrorCode, InvoicingError
-from handlers.messages import Customer, PaymentMethod
-from providers.base import CancelRequest, InvoiceDraft, InvoiceLine, TenantConnection
+from providers.base import (
+    CancelRequest,
+    InvoiceDraft,
+    InvoiceLine,
+    ProviderRules,
+    TenantConnection,
+)
+from providers.errors import ErrorCode, InvoicingError
+from providers.values import Customer, PaymentMethod
 
 NS_INVOICE = "http://www.szamlazz.hu/xmlszamla"
 NS_REVERSE = "http://www.szamlazz.hu/xmlszamlast"
@@ -85,6 +92,27 @@ VAT_CODES: frozenset[str] = frozenset(
 #: current equivalent and is sent as is (the query schema still knows it).
 _VAT_ALIASES: dict[str, str] = {"EU": "EUT", "EUK": "EUKT", "ÁKK": "ATK", "ÁTHK": "ATK"}
 _LEGACY_VAT_CODES: frozenset[str] = frozenset({"MAA"})
+
+#: What pre-flight validation checks a sale against before anything is sent to the Agent:
+#: ``penznem`` without the "Ft" alias, ``szamlaNyelve``, and each contract VAT label with the
+#: ``afakulcs`` :func:`vat_key` sends for it. MAA ("exempt", no NAV case) is not on the
+#: current VAT page, so it is refused before sending rather than risked at the Agent: the
+#: sale must name the exemption.
+RULES = ProviderRules(
+    display_name="Számlázz.hu",
+    currencies=CURRENCIES - {"Ft"},
+    languages=LANGUAGES,
+    vat_labels=MappingProxyType(
+        {"27%": "27", "18%": "18", "5%": "5"}
+        | {
+            label: _VAT_ALIASES.get(label, label)
+            for label in (
+                "AAM", "TAM", "EU", "EUK", "F.AFA", "K.AFA", "ÁKK", "ÁTHK", "KBAET", "EAM",
+                "NAM", "ATK", "EUFAD37", "EUFADE", "EUE", "HO",
+            )
+        }
+    ),
+)  # fmt: skip
 
 EU_COUNTRIES: frozenset[str] = frozenset(
     {

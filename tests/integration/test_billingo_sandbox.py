@@ -11,11 +11,12 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from handlers.errors import ErrorCode, InvoicingError
 from providers.base import CancelRequest, TenantConnection
-from providers.billingo import BillingoProvider, BillingoSandbox
-from providers.sandbox_faults import Fault
+from providers.billingo import BillingoProvider
+from providers.errors import ErrorCode, InvoicingError
 from tests.unit.test_billingo_mapping import make_draft
+from worker.devtools.billingo_sandbox import BillingoSandbox
+from worker.devtools.faults import Fault
 
 KEY = "sandbox-key-aurora"
 OTHER_KEY = "sandbox-key-bella"

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from providers.sandbox_faults import Fault
 from tests.conftest import POSTGRES_URL, Env, free_port, spawn_worker, wait_until, worker_ready
-from worker.samples import PERSON, paid_event, storno_event
+from worker.devtools.faults import Fault
+from worker.devtools.samples import PERSON, paid_event, storno_event
 
 pytestmark = pytest.mark.broker
 

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from providers.sandbox_faults import Fault
 from tests.conftest import Env, free_port, spawn_worker, wait_until, worker_ready
-from worker.samples import paid_event
+from worker.devtools.faults import Fault
+from worker.devtools.samples import paid_event
 from worker.settings import Settings
 
 pytestmark = pytest.mark.broker

@@ -6,8 +6,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.conftest import Env, wait_until
+from worker.devtools.samples import paid_event, storno_event
 from worker.report import build_report, render
-from worker.samples import paid_event, storno_event
 from worker.tools import connections_check
 
 pytestmark = pytest.mark.broker

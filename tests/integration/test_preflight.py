@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env, wait_until
-from worker.samples import COMPANY, ROOM, paid_event
+from worker.devtools.samples import COMPANY, ROOM, paid_event
 
 pytestmark = pytest.mark.broker
 

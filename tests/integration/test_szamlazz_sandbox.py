@@ -14,11 +14,9 @@ import pytest
 from lxml import etree
 from pydantic import SecretStr
 
-from handlers.errors import ErrorCode, InvoicingError
 from providers.base import TenantConnection
-from providers.sandbox_faults import Fault
+from providers.errors import ErrorCode, InvoicingError
 from providers.szamlazz import SzamlazzProvider
-from providers.szamlazz.sandbox import SzamlazzSandbox
 from providers.szamlazz.xml import (
     ACTION_INVOICE,
     ACTION_QUERY,
@@ -28,6 +26,8 @@ from providers.szamlazz.xml import (
     schema_errors,
 )
 from tests.unit.test_szamlazz_xml import customer, draft, line, storno
+from worker.devtools.faults import Fault
+from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 
 KEY = "sandboxkey0123456789abcdefghijklmnopqrstu"
 Observed = list[tuple[str, str, str]]

@@ -17,9 +17,9 @@ import pytest
 import structlog
 from prometheus_client import REGISTRY
 
-from providers.sandbox_faults import Fault
 from tests.conftest import Env, wait_until
-from worker.samples import PERSON, paid_event, storno_event
+from worker.devtools.faults import Fault
+from worker.devtools.samples import PERSON, paid_event, storno_event
 
 pytestmark = pytest.mark.broker
 

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from handlers.errors import ErrorCode, InvoicingError
 from providers.base import CancelRequest, IssuedInvoice, TenantConnection
 from providers.billingo import BillingoProvider
+from providers.errors import ErrorCode, InvoicingError
 from tests.unit.test_billingo_mapping import make_draft
 
 API_KEY = "sk-live-5ecret-billingo-key"

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from handlers.amounts import compute_lines
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import Customer, Item, PaymentMethod
 from providers.base import InvoiceDraft
 from providers.billingo import mapping
+from providers.errors import ErrorCode, InvoicingError
 
 HU_COMPANY: dict[str, Any] = {
     "kind": "company",

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from handlers.classify import DeadLetter, Retry, RetryPolicy, backoff, classify, pick_tier
-from handlers.errors import TRANSIENT, ErrorCode, InvoicingError
+from providers.errors import TRANSIENT, ErrorCode, InvoicingError
 
 POLICY = RetryPolicy(ladder=(5, 15, 30, 60, 120, 300), base_seconds=5, budget_seconds=24 * 3600)
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from handlers.errors import ErrorCode, InvoicingError
+from providers.errors import ErrorCode, InvoicingError
 from worker import logging as worker_logging
 from worker.connections import ConnectionRegistry, parse_connections
 

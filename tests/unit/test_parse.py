@@ -7,10 +7,10 @@ from decimal import Decimal
 
 import pytest
 
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import SalePaid, SaleStorno
 from handlers.parse import parse_event, peek_tenant
-from worker.samples import paid_event, storno_event
+from providers.errors import ErrorCode, InvoicingError
+from worker.devtools.samples import paid_event, storno_event
 
 
 def body(event: dict[str, object]) -> bytes:

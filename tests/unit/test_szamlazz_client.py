@@ -19,8 +19,8 @@ from urllib.parse import quote_plus
 import pytest
 from aiohttp import BodyPartReader, web
 
-from handlers.errors import ErrorCode, InvoicingError
 from providers.base import IssuedInvoice
+from providers.errors import ErrorCode, InvoicingError
 from providers.szamlazz import SzamlazzProvider
 from providers.szamlazz.client import agent_error
 from providers.szamlazz.xml import AgentAnswer

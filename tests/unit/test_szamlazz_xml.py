@@ -14,10 +14,9 @@ from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from handlers.amounts import compute_line
-from handlers.errors import ErrorCode, InvoicingError
 from handlers.messages import Customer, Item
 from providers.base import CancelRequest, InvoiceDraft, InvoiceLine, TenantConnection
-from providers.szamlazz.sandbox import line_errors
+from providers.errors import ErrorCode, InvoicingError
 from providers.szamlazz.xml import (
     NS_INVOICE,
     AgentAnswer,
@@ -31,6 +30,7 @@ from providers.szamlazz.xml import (
     read_query,
     schema_errors,
 )
+from worker.devtools.szamlazz_sandbox import line_errors
 
 SAMPLES = Path("/work/shared/reference/szamlazz-samples")
 KEY = "abcdefghijklmnopqrstuvwxyz0123456789abcdef"

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from handlers.errors import FIXES, ErrorCode, InvoicingError
 from handlers.messages import Sale
 from handlers.validation import (
     ISO_COUNTRIES,
@@ -20,7 +19,8 @@ from handlers.validation import (
     validate_sale,
 )
 from providers.base import InvoiceLine, TenantConnection
-from worker.samples import COMPANY
+from providers.errors import FIXES, ErrorCode, InvoicingError
+from worker.devtools.samples import COMPANY
 
 HU_COMPANY: dict[str, Any] = COMPANY  # the contract's example buyer
 DE_COMPANY: dict[str, Any] = {

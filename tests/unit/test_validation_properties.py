@@ -117,7 +117,7 @@ def _sale(currency: str, items: list[Item]) -> Sale:
 def test_valid_item_sets_pass_the_szamlazz_line_checks(
     case: tuple[str, str, list[Item]],
 ) -> None:
-    from providers.szamlazz.sandbox import line_errors
+    from worker.devtools.szamlazz_sandbox import line_errors
 
     provider, currency, items = case
     conn = TenantConnection(
@@ -153,7 +153,7 @@ def test_valid_item_sets_are_accepted_by_the_billingo_sandbox(
     from handlers.draft import build_draft
     from handlers.messages import SalePaid
     from providers.billingo import mapping
-    from providers.billingo.sandbox import _document_errors
+    from worker.devtools.billingo_sandbox import _document_errors
 
     provider, currency, items = case
     if provider != "billingo":

@@ -1,4 +1,4 @@
-"""The ledger: what makes issuing exactly-once (see :mod:`worker.ledger.model`).
+"""The ledger: what makes issuing exactly-once (see :mod:`handlers.ledger`).
 
 ``open_ledger(settings.ledger_url)`` picks the backend by URL scheme; the caller then awaits
 ``ledger.open()`` (connect + migrate) and ``ledger.close()``.
@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-from worker.ledger.history import format_history
-from worker.ledger.model import (
+from handlers.ledger import (
     AuditEntry,
     ConnectionState,
     LeaseLost,
@@ -16,6 +15,7 @@ from worker.ledger.model import (
     SaleRecord,
     SaleState,
 )
+from worker.ledger.history import format_history
 
 __all__ = [
     "AuditEntry",

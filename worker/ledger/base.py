@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from providers.base import Cancellation, IssuedInvoice
-from worker.ledger import schema
-from worker.ledger.model import (
+from handlers.ledger import (
     AuditEntry,
     ConnectionState,
     LeaseLost,
@@ -26,6 +24,8 @@ from worker.ledger.model import (
     SaleRecord,
     SaleState,
 )
+from providers.base import Cancellation, IssuedInvoice
+from worker.ledger import schema
 
 #: How many leases ended by a terminal transition (``release=True``) are remembered until their
 #: ``release()``. A handler releases right after, so this holds about one entry per sale in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC
 
-from worker.ledger.model import AuditEntry
+from handlers.ledger import AuditEntry
 
 _HEADERS = ("time (UTC)", "gen", "operation", "outcome", "error", "provider", "document", "detail")
 _MAX_DETAIL = 120

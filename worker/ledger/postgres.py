@@ -15,9 +15,9 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
+from handlers.ledger import SaleKey, SaleRecord
 from worker.ledger import schema
 from worker.ledger.base import TransitionLedger
-from worker.ledger.model import SaleKey, SaleRecord
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 

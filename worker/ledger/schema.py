@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol, cast
 
+from handlers.ledger import AuditEntry, ConnectionState, SaleKey, SaleRecord, SaleState
 from providers.base import Cancellation, IssuedInvoice
-from worker.ledger.model import AuditEntry, ConnectionState, SaleKey, SaleRecord, SaleState
 
 Dialect = Literal["sqlite", "postgres"]
 

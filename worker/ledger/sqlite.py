@@ -53,9 +53,9 @@ from typing import Any, TypeVar
 
 import structlog
 
+from handlers.ledger import SaleKey, SaleRecord
 from worker.ledger import schema
 from worker.ledger.base import TransitionLedger
-from worker.ledger.model import SaleKey, SaleRecord
 
 T = TypeVar("T")
 

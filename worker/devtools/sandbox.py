@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from providers.billingo.sandbox import BillingoSandbox
-from providers.szamlazz.sandbox import SzamlazzSandbox
+from worker.devtools.billingo_sandbox import BillingoSandbox
+from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 
 
 def _split(spec: str, default: str) -> tuple[str, str]:

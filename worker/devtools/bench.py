@@ -126,144 +126,6 @@ class BenchOptions:
         return shlex.join(argv)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def register(sub: Any) -> None:
-    """Add ``bench`` to the top-level subparsers ``sub``."""
-    p = sub.add_parser(
-        "bench",
-        help="throughput, latency, RSS and provider calls of the real worker, vs a bare loop",
-        description="Run the real worker (python -m worker run subprocesses) against the local "
-        "RabbitMQ (INVOICING_AMQP_URL) and the built-in sandboxes, on queues of its own "
-        "(bench.<id>.*, deleted afterwards), and compare it with a bare aio-pika loop doing "
-        "consume → the same HTTP calls → confirmed publish → ack in the same run.",
-        epilog="By default the sales are pre-loaded into the work queue before the workers "
-        "start, and throughput is timed from the first invoice.issued to the last; latency then "
-        "includes the wait in the queue. With --rate the workers start first and the sales are "
-        "published at that rate, so latency is the per-sale end-to-end time.",
-    )
-    p.add_argument(
-        "--sales",
-        type=_positive_int,
-        default=None,
-        help="sale.paid events (5000; with --fairness: tenant A's burst, 10000)",
-    )
-    p.add_argument("--tenants", type=_positive_int, default=4, help="tenants (4)")
-    p.add_argument(
-        "--provider",
-        choices=("billingo", "szamlazz", "both"),
-        default="billingo",
-        help="the tenants' provider; both: alternate (billingo)",
-    )
-    p.add_argument(
-        "--latency",
-        type=_non_negative,
-        default=0.0,
-        help="seconds added to every provider request (sandbox plan.latency; 0)",
-    )
-    p.add_argument("--prefetch", type=_positive_int, default=64, help="INVOICING_PREFETCH (64)")
-    p.add_argument("--processes", type=_positive_int, default=1, help="worker processes (1)")
-    p.add_argument(
-        "--new-customers",
-        type=_fraction,
-        default=0.0,
-        help="fraction of sales with a customer never seen before (0: customers repeat, so "
-        "Billingo partner ids come from the worker's cache)",
-    )
-    p.add_argument(
-        "--ledger-url",
-        default=None,
-        help="ledger for the workers (default: a fresh SQLite file in a temporary directory; "
-        "e.g. postgresql://postgres@127.0.0.1:5432/test)",
-    )
-    p.add_argument(
-        "--rate",
-        type=_non_negative,
-        default=0.0,
-        help="publish at this many sales/s while the workers run (0: pre-load the queue)",
-    )
-    p.add_argument(
-        "--log-level", default="info", help="the workers' INVOICING_LOG_LEVEL (info, as deployed)"
-    )
-    p.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="run the workers (and the bare loop) on uvloop, without changing the worker code",
-    )
-    p.add_argument(
-        "--no-ceiling", dest="ceiling", action="store_false", help="skip the bare-loop ceiling"
-    )
-    p.add_argument(
-        "--py-spy",
-        metavar="FILE",
-        default=None,
-        help="record the first worker with py-spy (raw collapsed stacks) into FILE",
-    )
-    p.add_argument(
-        "--stall-seconds",
-        type=_non_negative,
-        default=60.0,
-        help="give up when no invoice arrives for this long (60)",
-    )
-    p.add_argument(
-        "--keep", action="store_true", help="keep the temporary directory (logs, ledger)"
-    )
-    p.add_argument(
-        "--zero-latency-reference",
-        action="store_true",
-        help="with --latency: first run the same settings at zero latency (no ceiling) and "
-        "also compare with the lower of the concurrency bound and that throughput",
-    )
-    p.add_argument(
-        "--ledger-floor",
-        action="store_true",
-        help="pre-loaded runs: also run the bare loop with the three ledger writes of an issued "
-        "sale (SQLite), the cost of the exactly-once record against the ceiling",
-    )
-    fair = p.add_argument_group(
-        "fairness",
-        "--fairness: one worker process, the Billingo sandbox enforcing --sandbox-rate-limit "
-        "requests/min per key and the worker pacing at INVOICING_BILLINGO_REQUESTS_PER_MINUTE "
-        "(300); a burst of --sales sales for tenant A, then one sale for tenant B. Reports B's "
-        "publish → invoice.issued delay, 429 answers, A's drain rate over --window seconds "
-        "after B was issued, and the deferrals (message.deferred). Does not wait for A's "
-        "burst to drain; the queues are deleted afterwards.",
-    )
-    fair.add_argument("--fairness", action="store_true", help="run the fairness scenario")
-    fair.add_argument(
-        "--window",
-        type=_non_negative,
-        default=60.0,
-        help="seconds to keep measuring A after B was issued (60)",
-    )
-    fair.add_argument(
-        "--sandbox-rate-limit",
-        type=int,
-        default=300,
-        help="requests/min per key the Billingo sandbox allows in --fairness (300; 0: off)",
-    )
-    p.set_defaults(func=_bench)
-
-
 def options_from(args: argparse.Namespace) -> BenchOptions:
     sales = args.sales or (10_000 if args.fairness else 5000)
     return BenchOptions(
@@ -290,7 +152,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     )
 
 
-async def _bench(args: argparse.Namespace, settings: Settings) -> int:
+async def bench_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``invoicing-worker bench``: its arguments are registered by :mod:`worker.cli`."""
     options = options_from(args)
     if options.fairness:
         try:
@@ -702,7 +565,7 @@ def uses_uvloop(options: BenchOptions, settings: Settings) -> bool:
 
 
 def _customer(i: int, run_id: str, new_fraction: float, rng: random.Random) -> dict[str, Any]:
-    from worker.samples import COMPANY, PERSON
+    from worker.devtools.samples import COMPANY, PERSON
 
     if rng.random() < new_fraction:
         return {
@@ -717,7 +580,7 @@ def make_sales(
     options: BenchOptions, run_id: str, tenants: list[str]
 ) -> list[tuple[str, str, bytes]]:
     """(sale id, message id, body) of every sale.paid, in publishing order."""
-    from worker.samples import paid_event
+    from worker.devtools.samples import paid_event
 
     rng = random.Random(run_id)
     sales: list[tuple[str, str, bytes]] = []
@@ -990,8 +853,8 @@ def _start_py_spy(path: str, pid: int) -> asyncio.Future[asyncio.subprocess.Proc
 async def run_bench(options: BenchOptions, base: Settings) -> Report:
     import aio_pika
 
-    from providers.billingo.sandbox import BillingoSandbox
-    from providers.szamlazz.sandbox import SzamlazzSandbox
+    from worker.devtools.billingo_sandbox import BillingoSandbox
+    from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 
     run_id = uuid.uuid4().hex[:8]
     tmp = Path(tempfile.mkdtemp(prefix=f"invoicing-bench-{run_id}-"))
@@ -1413,7 +1276,7 @@ def fairness_sales(
     run_id: str, count: int, tenant_a: str, tenant_b: str
 ) -> tuple[list[tuple[str, str, bytes]], tuple[str, str, bytes]]:
     """Tenant A's burst (two customers that repeat: returning customers) and B's one sale."""
-    from worker.samples import COMPANY, PERSON, paid_event
+    from worker.devtools.samples import COMPANY, PERSON, paid_event
 
     def one(tenant: str, sale_id: str, customer: dict[str, Any]) -> tuple[str, str, bytes]:
         event = paid_event(tenant, sale_id, customer=customer)
@@ -1426,7 +1289,7 @@ def fairness_sales(
 
 
 def fairness_probe(run_id: str, n: int, tenant_b: str) -> tuple[str, str, bytes]:
-    from worker.samples import PERSON, paid_event
+    from worker.devtools.samples import PERSON, paid_event
 
     sale_id = f"B-{run_id}-probe-{n}"
     event = paid_event(tenant_b, sale_id, customer=PERSON)
@@ -1436,7 +1299,7 @@ def fairness_probe(run_id: str, n: int, tenant_b: str) -> tuple[str, str, bytes]
 async def run_fairness(options: BenchOptions, base: Settings) -> FairnessReport:
     import aio_pika
 
-    from providers.billingo.sandbox import BillingoSandbox
+    from worker.devtools.billingo_sandbox import BillingoSandbox
     from worker.topology import Names, declare
 
     run_id = uuid.uuid4().hex[:8]
@@ -1656,7 +1519,7 @@ async def _run_ceiling(
         argv = (
             [sys.executable, "-c", _UVLOOP_CEILING, CEILING_FLAG, json.dumps(spec)]
             if uses_uvloop(options, settings)
-            else [sys.executable, "-m", "worker.bench", CEILING_FLAG, json.dumps(spec)]
+            else [sys.executable, "-m", "worker.devtools.bench", CEILING_FLAG, json.dumps(spec)]
         )
         bench0, broker0 = self_cpu_seconds(), broker_cpu_seconds()
         proc = await asyncio.create_subprocess_exec(*argv)
@@ -1710,7 +1573,7 @@ async def _wait_consumer(channel: Any, queue_name: str, timeout: float = 60.0) -
 
 _UVLOOP_CEILING = (
     "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from worker.bench import ceiling_main; sys.exit(ceiling_main(sys.argv[1:]))"
+    "from worker.devtools.bench import ceiling_main; sys.exit(ceiling_main(sys.argv[1:]))"
 )
 
 
@@ -1719,8 +1582,8 @@ async def ceiling_loop(spec: dict[str, Any]) -> None:
     import aio_pika
     import aiohttp
 
+    from handlers.ledger import SaleKey
     from providers.base import IssuedInvoice
-    from worker.ledger.model import SaleKey
     from worker.ledger.sqlite import SqliteLedger
 
     done = asyncio.Event()
@@ -1778,7 +1641,7 @@ async def ceiling_loop(spec: dict[str, Any]) -> None:
 
 def ceiling_main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != CEILING_FLAG:
-        print(f"usage: python -m worker.bench {CEILING_FLAG} SPEC_JSON", file=sys.stderr)
+        print(f"usage: python -m worker.devtools.bench {CEILING_FLAG} SPEC_JSON", file=sys.stderr)
         return 2
     asyncio.run(ceiling_loop(json.loads(argv[1])))
     return 0

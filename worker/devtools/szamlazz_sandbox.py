@@ -7,7 +7,7 @@ agent key (3), number prefix (202) and line arithmetic (262–264) checks; numbe
 existing one; lookups by number, order number or external id (7 when none); ``szlahu_*``
 headers (URL-encoded), answer formats 1 (PDF / text) and 2 (``xmlszamlavalasz``); errors with
 HTTP 200; a ``JSESSIONID`` cookie. Faults, latency and the request log come from
-:mod:`providers.sandbox_faults`, matched on the action name (e.g. "action-xmlagentxmlfile").
+:mod:`worker.devtools.faults`, matched on the action name (e.g. "action-xmlagentxmlfile").
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from lxml import etree
 
-from providers.sandbox_faults import FaultPlan, add_control_routes, fault_middleware
 from providers.szamlazz.xml import (
     ACTION_INVOICE,
     ACTION_QUERY,
@@ -43,6 +42,7 @@ from providers.szamlazz.xml import (
     parse,
     validate,
 )
+from worker.devtools.faults import FaultPlan, add_control_routes, fault_middleware
 
 AGENT_PATH = "/szamla/"
 CONTROL = "/_sandbox"

@@ -16,10 +16,18 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from providers.billingo.sandbox import BillingoSandbox
-from providers.szamlazz.sandbox import SzamlazzSandbox
 from worker.app import App, build, serve
-from worker.samples import COMPANY, PERSON, ROOM, Outbox, paid_event, publish_event, storno_event
+from worker.devtools.billingo_sandbox import BillingoSandbox
+from worker.devtools.samples import (
+    COMPANY,
+    PERSON,
+    ROOM,
+    Outbox,
+    paid_event,
+    publish_event,
+    storno_event,
+)
+from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 from worker.settings import Settings, safe_url
 from worker.topology import Names
 

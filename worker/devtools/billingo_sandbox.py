@@ -20,7 +20,6 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from handlers.amounts import round_money
 from providers.billingo.mapping import (
     CURRENCIES,
     ENTITLEMENTS,
@@ -29,7 +28,8 @@ from providers.billingo.mapping import (
     enum_of,
     json_number,
 )
-from providers.sandbox_faults import (
+from providers.money import round_money
+from worker.devtools.faults import (
     CONTROL_PREFIX,
     FaultPlan,
     Handler,
