@@ -25,6 +25,9 @@ class SaleState(StrEnum):
     CANCEL_PENDING = "cancel_pending"  # a cancel was started; see cancel_in_doubt
     CANCELLED = "cancelled"
     VOIDED = "voided"  # stornoed before any invoice existed: never issue this generation
+    #: A storno came while a create was in doubt: nothing more is sent; once the create's
+    #: grace is over the storno looks it up and cancels what it finds, or voids.
+    VOIDING = "voiding"
     FAILED = "failed"  # dead-lettered; a replay may pick it up again
 
 
@@ -225,6 +228,10 @@ class Ledger(Protocol):
         *,
         release: bool = False,
     ) -> SaleRecord: ...
+
+    async def record_voiding(self, key: SaleKey, owner: str, event_id: str) -> SaleRecord:
+        """VOIDING: a storno waits out an in-doubt create; no sale.paid may send another."""
+        ...
 
     async def record_voided(
         self, key: SaleKey, owner: str, event_id: str, reason: str, *, release: bool = False

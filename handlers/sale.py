@@ -95,7 +95,12 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
                 document_id=record.document_id,
             )
             return Handled("duplicate", (issued_event(record, event.event_id),))
-        if record.state in (SaleState.CANCEL_PENDING, SaleState.CANCELLED, SaleState.VOIDED):
+        if record.state in (
+            SaleState.CANCEL_PENDING,
+            SaleState.CANCELLED,
+            SaleState.VOIDED,
+            SaleState.VOIDING,
+        ):
             # A late duplicate of a generation that was stornoed: nothing to issue.
             await ctx.ledger.audit(
                 key,
@@ -216,6 +221,10 @@ async def _find_issued(
         return None
     if record.issue_in_doubt:
         # Voiding while a create may still land would leave a valid invoice nobody cancels.
+        # VOIDING first, so no sale.paid retry sends another create (and starts another
+        # grace) while the storno waits.
+        if record.state is not SaleState.VOIDING:
+            await ctx.ledger.record_voiding(record.key, ctx.owner, event.event_id)
         ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
     found = await provider.find_invoice(conn, record.key.external_key)
     if found is None:

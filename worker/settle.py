@@ -33,6 +33,9 @@ from worker.publisher import Publisher
 
 log = structlog.get_logger(__name__)
 
+#: The pause before a hand-back: at least the first, plus up to the second, seconds (jitter).
+HAND_BACK_PAUSE = (0.5, 1.0)
+
 
 @dataclass(frozen=True, slots=True)
 class Settled:
@@ -98,7 +101,7 @@ async def hand_back(message: AbstractIncomingMessage) -> None:
     """Nack with requeue, once. A pause first: whatever failed (a broker alarm, a missing
     queue) is not fixed by an immediate redelivery, and a hot loop would burn the quorum
     queue's delivery limit."""
-    await asyncio.sleep(0.5 + random.random())
+    await asyncio.sleep(HAND_BACK_PAUSE[0] + HAND_BACK_PAUSE[1] * random.random())
     try:
         await message.nack(requeue=True)
     except Exception:

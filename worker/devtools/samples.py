@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import uuid
 from collections.abc import Callable
@@ -77,8 +78,9 @@ def paid_event(
             "fulfillment_date": datetime.now(UTC).date().isoformat(),
             "currency": currency,
             "payment_method": payment_method,
-            "customer": customer if customer is not None else COMPANY,
-            "items": items if items is not None else [ROOM],
+            # Copies: a test that mutates its event must not change every later one.
+            "customer": copy.deepcopy(customer if customer is not None else COMPANY),
+            "items": copy.deepcopy(items if items is not None else [ROOM]),
         },
     }
 

@@ -289,6 +289,20 @@ class TransitionLedger(Ledger):
             release,
         )
 
+    async def record_voiding(self, key: SaleKey, owner: str, event_id: str) -> SaleRecord:
+        return await self._transition(
+            schema.RECORD_VOIDING,
+            key,
+            owner,
+            {},
+            schema.audit_params(
+                "void.requested",
+                "waiting",
+                event_id=event_id,
+                detail="storno while a create is in doubt: nothing more is sent",
+            ),
+        )
+
     async def record_voided(
         self, key: SaleKey, owner: str, event_id: str, reason: str, *, release: bool = False
     ) -> SaleRecord:

@@ -206,7 +206,7 @@ KEY_WHERE = "tenant_id = :tenant_id AND sale_id = :sale_id AND invoice_generatio
 LEASE_WHERE = "lease_owner = :owner AND lease_until >= :now"
 
 #: States that keep a document (or must never get one); record_failed does not overwrite them.
-_KEEP_ON_FAILURE = "state = 'voided' OR document_id IS NOT NULL"
+_KEEP_ON_FAILURE = "state IN ('voided', 'voiding') OR document_id IS NOT NULL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +252,7 @@ RECORD_CANCELLED = Transition(
     "last_error_code = NULL"
 )
 RECORD_VOIDED = Transition("state = 'voided'")
+RECORD_VOIDING = Transition("state = 'voiding'")
 RECORD_FAILED = Transition(
     f"state = CASE WHEN {_KEEP_ON_FAILURE} THEN state ELSE 'failed' END, "
     "last_error_code = :error_code"
