@@ -10,84 +10,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
-import sys
 import uuid
-from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from worker.app import App, build, serve
 from worker.devtools.billingo_sandbox import BillingoSandbox
+from worker.devtools.procs import free_port, spawn_worker, wait_until, worker_environ, worker_ready
 from worker.devtools.samples import Outbox, publish_event, publish_raw
 from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 from worker.settings import Settings
 from worker.topology import Names, declare
 
+__all__ = ["free_port", "spawn_worker", "wait_until", "worker_environ", "worker_ready"]
+
 AMQP_URL = os.environ.get("INVOICING_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get(
     "INVOICING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0, what: str = ""
-) -> None:
-    """Poll a condition with a deadline (never a guessed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def worker_environ(settings: Settings, http_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INVOICING_")}
-    for name, value in settings.model_dump().items():
-        env[f"INVOICING_{name.upper()}"] = str(value)
-    env["INVOICING_HTTP_PORT"] = str(http_port)
-    return env
-
-
-async def spawn_worker(settings: Settings, http_port: int, log: Path) -> Process:
-    """``invoicing-worker run`` as ops run it: a separate process, logs appended to ``log``."""
-    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-            env=worker_environ(settings, http_port),
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-
-
-async def worker_ready(port: int) -> bool:
-    try:
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz") as r:
-            return r.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 @dataclass

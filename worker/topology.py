@@ -13,6 +13,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from handlers.classify import pick_tier
 from worker.settings import Settings, format_duration
 
 log = structlog.get_logger(__name__)
@@ -50,10 +51,8 @@ class Names:
 
     def delay_queue_for(self, seconds: float) -> tuple[float, str]:
         """The shortest tier that waits at least ``seconds`` (the longest one as the cap)."""
-        for delay, name in self.delay_queues:
-            if delay >= seconds:
-                return delay, name
-        return self.delay_queues[-1]
+        tier = pick_tier(seconds, tuple(delay for delay, _ in self.delay_queues))
+        return next(pair for pair in self.delay_queues if pair[0] == tier)
 
 
 class _Declarer:
