@@ -4,7 +4,9 @@ Both sandboxes (Billingo, Számla Agent) are aiohttp apps; this middleware sits 
 their real handlers and can, per matching request:
 
 * ``status``           answer with a status code, doing nothing (e.g. 503, 429 + Retry-After);
-* ``delay``            wait, then handle normally;
+* ``delay``            wait, then handle normally (a client that gives up meanwhile cancels it);
+* ``commit_late``      handle it ``delay`` seconds after it arrived, whether or not the client
+  still waits: a provider committing a request whose client already gave up;
 * ``drop``             close the connection without an answer, doing nothing;
 * ``commit_then_fail`` do the real work (the document is created), then answer with an error;
 * ``commit_then_hang`` do the real work, then never answer (the client times out);
@@ -26,7 +28,9 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-FaultAction = Literal["status", "delay", "drop", "commit_then_fail", "commit_then_hang", "hold"]
+FaultAction = Literal[
+    "status", "delay", "drop", "commit_then_fail", "commit_then_hang", "hold", "commit_late"
+]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CONTROL_PREFIX = "/_sandbox"
@@ -74,6 +78,10 @@ class FaultPlan:
         self.requests: list[LoggedRequest] = []
         #: Requests a ``hold`` fault is holding right now.
         self.held = 0
+        #: Requests a ``delay`` or ``commit_late`` fault is delaying or still handling right
+        #: now (a test waits for 0 before it counts what the late ones committed).
+        self.delayed = 0
+        self._late: set[asyncio.Task[web.StreamResponse]] = set()
         self._release = asyncio.Event()
         self._random = random.Random(seed)
 
@@ -141,8 +149,20 @@ def fault_middleware(
         if fault is None:
             response = await handler(request)
         elif fault.action == "delay":
-            await asyncio.sleep(fault.delay)
-            response = await handler(request)
+            plan.delayed += 1
+            try:
+                await asyncio.sleep(fault.delay)
+                response = await handler(request)
+            finally:
+                plan.delayed -= 1
+        elif fault.action == "commit_late":
+            await request.read()  # the body arrived; the client may go away now
+            late = asyncio.ensure_future(_after(fault.delay, plan, handler, request))
+            plan._late.add(late)
+            late.add_done_callback(plan._late.discard)
+            # Shielded: the client giving up (which cancels this middleware) does not stop
+            # the provider from committing.
+            response = await asyncio.shield(late)
         elif fault.action == "hold":
             await plan.hold()
             response = await handler(request)
@@ -175,6 +195,19 @@ def fault_middleware(
         return response
 
     return middleware
+
+
+async def _after(
+    delay: float, plan: FaultPlan, handler: Handler, request: web.Request
+) -> web.StreamResponse:
+    plan.delayed += 1
+    try:
+        await asyncio.sleep(delay)
+        response = await handler(request)
+    finally:
+        plan.delayed -= 1
+    plan.log(request.method, request.path, "late " + request.path, response.status)
+    return response
 
 
 def add_control_routes(app: web.Application, plan: FaultPlan) -> None:
