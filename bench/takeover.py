@@ -89,7 +89,7 @@ async def main() -> None:
             print(
                 f"run {n}: {r.in_flight_at_kill}/{r.sales} creates in flight at SIGKILL; "
                 f"restarted worker ready -> all issued in {r.seconds_to_all_issued:.2f} s; "
-                f"{r.invoices} invoices, {r.duplicates} duplicated"
+                f"{r.creates} creates sent, {r.invoices} invoices, {r.duplicates} duplicated"
             )
 
 

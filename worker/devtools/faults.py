@@ -10,8 +10,9 @@ their real handlers and can, per matching request:
 * ``drop``             close the connection without an answer, doing nothing;
 * ``commit_then_fail`` do the real work (the document is created), then answer with an error;
 * ``commit_then_hang`` do the real work, then never answer (the client times out);
-* ``hold``             wait until the test calls ``FaultPlan.release()``, then handle normally
-  (work held in flight for as long as a test needs, without guessing a delay).
+* ``hold``             wait until the test calls ``FaultPlan.release()``, then handle it even if
+  the client is gone (work held in flight for as long as a test needs, without guessing a
+  delay).
 
 Faults are controlled in-process (``FaultPlan.add``) or over HTTP (``/_sandbox/faults``) so
 tests can drive a sandbox that runs in another process.
@@ -78,7 +79,7 @@ class FaultPlan:
         self.requests: list[LoggedRequest] = []
         #: Requests a ``hold`` fault is holding right now.
         self.held = 0
-        #: Requests a ``delay`` or ``commit_late`` fault is delaying or still handling right
+        #: Requests a ``delay``, ``commit_late`` or ``hold`` fault is delaying or handling right
         #: now (a test waits for 0 before it counts what the late ones committed).
         self.delayed = 0
         self._late: set[asyncio.Task[web.StreamResponse]] = set()
@@ -155,17 +156,17 @@ def fault_middleware(
                 response = await handler(request)
             finally:
                 plan.delayed -= 1
-        elif fault.action == "commit_late":
-            await request.read()  # the body arrived; the client may go away now
-            late = asyncio.ensure_future(_after(fault.delay, plan, handler, request))
+        elif fault.action in ("commit_late", "hold"):
+            # The request arrived: the provider does it (after the delay, or once the test
+            # releases it) whether or not the client still waits. Shielded, because a client
+            # that gives up cancels this middleware; the body is read first for the same reason.
+            await request.read()
+            label = f"late {request.path}" if fault.action == "commit_late" else operation
+            wait = _sleep(fault.delay) if fault.action == "commit_late" else plan.hold()
+            late = asyncio.ensure_future(_detached(wait, plan, handler, request, label))
             plan._late.add(late)
             late.add_done_callback(plan._late.discard)
-            # Shielded: the client giving up (which cancels this middleware) does not stop
-            # the provider from committing.
-            response = await asyncio.shield(late)
-        elif fault.action == "hold":
-            await plan.hold()
-            response = await handler(request)
+            return await asyncio.shield(late)
         elif fault.action == "status":
             response = web.Response(
                 status=fault.status,
@@ -197,16 +198,24 @@ def fault_middleware(
     return middleware
 
 
-async def _after(
-    delay: float, plan: FaultPlan, handler: Handler, request: web.Request
+async def _sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def _detached(
+    wait: Awaitable[None],
+    plan: FaultPlan,
+    handler: Handler,
+    request: web.Request,
+    label: str,
 ) -> web.StreamResponse:
     plan.delayed += 1
     try:
-        await asyncio.sleep(delay)
+        await wait
         response = await handler(request)
     finally:
         plan.delayed -= 1
-    plan.log(request.method, request.path, "late " + request.path, response.status)
+    plan.log(request.method, request.path, label, response.status)
     return response
 
 

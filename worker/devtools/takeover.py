@@ -36,6 +36,8 @@ class TakeoverResult:
     in_flight_at_kill: int
     #: From the restarted worker's /readyz answering 200 to the last invoice.issued.
     seconds_to_all_issued: float
+    #: Create requests the provider received in all (the held ones included).
+    creates: int
     #: Invoices at the provider, and external keys with more than one.
     invoices: int
     duplicates: int
@@ -69,7 +71,7 @@ async def sigkill_takeover(
     # The provider finishes what it received: the invoices exist, their answers are lost.
     hold.times = 0
     sandbox.plan.release()
-    await wait_until(lambda: sandbox.plan.held == 0, 10, "the held creates to commit")
+    await wait_until(lambda: sandbox.plan.delayed == 0, 10, "the held creates to commit")
 
     worker = await spawn_worker(settings, port := free_port(), log)
     try:
@@ -90,6 +92,7 @@ async def sigkill_takeover(
         sales=sales,
         in_flight_at_kill=in_flight,
         seconds_to_all_issued=took,
+        creates=sandbox.plan.count("POST /documents"),
         invoices=sum(keys.values()),
         duplicates=sum(1 for n in keys.values() if n > 1),
     )
