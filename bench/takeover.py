@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import aio_pika
 
 from worker.devtools.billingo_sandbox import BillingoSandbox
+from worker.devtools.procs import delete_topology
 from worker.devtools.samples import Outbox
 from worker.devtools.takeover import TakeoverResult, sigkill_takeover
 from worker.settings import Settings
@@ -65,14 +65,7 @@ async def once(amqp_url: str, sales: int, tmp: Path) -> TakeoverResult:
             sales=sales,
         )
     finally:
-        names = Names.from_settings(settings)
-        cleanup = await connection.channel()
-        for queue in (names.queue, names.dead_letter_queue, *(n for _, n in names.delay_queues)):
-            with contextlib.suppress(Exception):
-                await cleanup.queue_delete(queue)
-        for exchange in (names.exchange, names.dead_letter_exchange):
-            with contextlib.suppress(Exception):
-                await cleanup.exchange_delete(exchange)
+        await delete_topology(connection, Names.from_settings(settings))
         await connection.close()
         await sandbox.stop()
 

@@ -22,7 +22,14 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from worker.app import App, build, serve
 from worker.devtools.billingo_sandbox import BillingoSandbox
-from worker.devtools.procs import free_port, spawn_worker, wait_until, worker_environ, worker_ready
+from worker.devtools.procs import (
+    delete_topology,
+    free_port,
+    spawn_worker,
+    wait_until,
+    worker_environ,
+    worker_ready,
+)
 from worker.devtools.samples import Outbox, publish_event, publish_raw
 from worker.devtools.szamlazz_sandbox import SzamlazzSandbox
 from worker.settings import Settings
@@ -203,19 +210,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
             with contextlib.suppress(Exception):
                 await connection.close()
             connection = await aio_pika.connect(AMQP_URL)
-        await _delete_topology(connection, Names.from_settings(settings))
+        await delete_topology(connection, Names.from_settings(settings))
         await connection.close()
         await billingo.stop()
         await szamlazz.stop()
-
-
-async def _delete_topology(connection: AbstractConnection, names: Names) -> None:
-    channel = await connection.channel()
-    for name in (names.queue, names.dead_letter_queue, *(n for _, n in names.delay_queues)):
-        with contextlib.suppress(Exception):
-            await channel.queue_delete(name)
-    for name in (names.exchange, names.dead_letter_exchange):
-        with contextlib.suppress(Exception):
-            await channel.exchange_delete(name)
-    with contextlib.suppress(Exception):
-        await channel.close()

@@ -1,8 +1,9 @@
-"""Worker processes and polling for tests, the demo's kin and the takeover scenario."""
+"""Worker processes, polling and clean-up, for the tests and the scenario scripts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -11,8 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+from aio_pika.abc import AbstractConnection
 
 from worker.settings import Settings
+from worker.topology import Names
 
 
 async def wait_until(
@@ -66,3 +69,16 @@ async def worker_ready(port: int) -> bool:
             return r.status == 200
     except aiohttp.ClientError:
         return False
+
+
+async def delete_topology(connection: AbstractConnection, names: Names) -> None:
+    """Delete what a test or a script declared (never anything else)."""
+    channel = await connection.channel()
+    for name in (names.queue, names.dead_letter_queue, *(n for _, n in names.delay_queues)):
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(name)
+    for name in (names.exchange, names.dead_letter_exchange):
+        with contextlib.suppress(Exception):
+            await channel.exchange_delete(name)
+    with contextlib.suppress(Exception):
+        await channel.close()
