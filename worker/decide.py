@@ -34,6 +34,14 @@ H_ORIGINAL_RK = "x-original-routing-key"
 H_DEFER_COUNT = "x-defer-count"
 H_NOT_BEFORE = "x-not-before"
 H_LAST_ERROR = "x-last-error-code"
+#: What a replay resets, so the replayed message gets a fresh retry budget.
+RETRY_STATE_HEADERS = (H_RETRY_COUNT, H_FIRST_FAILED, H_LAST_ERROR, H_DEFER_COUNT, H_NOT_BEFORE)
+#: CONTRACTS §7: what a dead-lettered message carries besides our retry state.
+H_ERROR_CODE = "x-error-code"
+H_ERROR_MESSAGE = "x-error-message"
+H_TENANT = "x-tenant-id"
+H_ATTEMPTS = "x-attempts"
+H_DEAD_LETTERED_AT = "x-dead-lettered-at"
 #: Error text in headers and events is cut here (a provider may answer with a whole page).
 MAX_HEADER_TEXT = 2000
 
@@ -289,13 +297,13 @@ def dead_letter_headers(
     headers = dict(attempt.headers)
     headers.update(
         {
-            "x-error-code": str(decision.code),
-            "x-error-message": scrub_text(decision.message)[:MAX_HEADER_TEXT],
+            H_ERROR_CODE: str(decision.code),
+            H_ERROR_MESSAGE: scrub_text(decision.message)[:MAX_HEADER_TEXT],
             H_ORIGINAL_RK: attempt.routing_key,
-            "x-tenant-id": subject.tenant_id if subject is not None else "",
-            "x-attempts": attempt.number,
+            H_TENANT: subject.tenant_id if subject is not None else "",
+            H_ATTEMPTS: attempt.number,
             H_FIRST_FAILED: first.astimezone(UTC).isoformat(),
-            "x-dead-lettered-at": now.isoformat(),
+            H_DEAD_LETTERED_AT: now.isoformat(),
         }
     )
     return headers

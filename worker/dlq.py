@@ -42,25 +42,21 @@ from aio_pika.abc import (
 
 from handlers.parse import peek_tenant
 from providers.errors import FIXES, ErrorCode
+from worker.decide import (
+    H_ATTEMPTS,
+    H_DEAD_LETTERED_AT,
+    H_ERROR_CODE,
+    H_ERROR_MESSAGE,
+    H_ORIGINAL_RK,
+    H_TENANT,
+    RETRY_STATE_HEADERS,
+)
 from worker.publisher import copy_message
 from worker.settings import Settings
 
-H_ERROR_CODE = "x-error-code"
-H_ERROR_MESSAGE = "x-error-message"
-H_ORIGINAL_RK = "x-original-routing-key"
-H_TENANT = "x-tenant-id"
-H_ATTEMPTS = "x-attempts"
-H_DEAD_LETTERED_AT = "x-dead-lettered-at"
 H_REPLAY_COUNT = "x-replay-count"
 H_REPLAYED_AT = "x-replayed-at"
-#: The retry state a replay resets, so the replayed message gets a fresh retry budget.
-RETRY_HEADERS = (
-    "x-retry-count",
-    "x-first-failed-at",
-    "x-last-error-code",
-    "x-defer-count",
-    "x-not-before",
-)
+
 
 #: The code shown for a message the broker dead-lettered after too many deliveries.
 DELIVERY_LIMIT = "delivery_limit"
@@ -410,7 +406,7 @@ def replay_headers(headers: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     """The headers a replayed message carries: the retry state reset (a fresh retry budget),
     the replay counted and stamped. The dead-letter diagnostics stay, so a replay that fails
     again is recognisable (they are overwritten if it is dead-lettered again)."""
-    result = {k: v for k, v in headers.items() if k not in RETRY_HEADERS}
+    result = {k: v for k, v in headers.items() if k not in RETRY_STATE_HEADERS}
     result[H_REPLAY_COUNT] = (_int(headers.get(H_REPLAY_COUNT)) or 0) + 1
     result[H_REPLAYED_AT] = now.isoformat()
     return result
