@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
-import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 
 from tests.conftest import Env, free_port, spawn_worker, wait_until, worker_ready
+from worker.devtools.broker import OwnBroker
 from worker.devtools.faults import Fault
-from worker.devtools.samples import paid_event
+from worker.devtools.samples import paid_event, publish_event
 from worker.settings import Settings
+from worker.topology import declare
 
 pytestmark = pytest.mark.broker
 
@@ -118,34 +122,47 @@ async def test_sigterm_mid_batch_exits_0_and_a_restart_issues_each_sale_once(env
         assert secret not in text  # keys never reach the logs
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+@pytest.fixture
+async def own_broker() -> AsyncIterator[OwnBroker]:
+    """A RabbitMQ node of this test's own: restarting the machine's default node would break
+    every other test run (and person) using it."""
+    broker = OwnBroker()
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.shutdown()
 
 
-@pytest.mark.timeout(240)
-async def test_broker_restart_mid_batch_each_sale_issued_once(env: Env) -> None:
+@pytest.mark.timeout(300)
+async def test_broker_restart_mid_batch_each_sale_issued_once(
+    env: Env, own_broker: OwnBroker
+) -> None:
     tenant = env.add_tenant("restart", "billingo")
+    settings = _patient(env.settings).model_copy(update={"amqp_url": own_broker.url})
+    connection = await aio_pika.connect(own_broker.url)
+    await declare(connection, settings)
+    channel = await connection.channel()
     log = env.tmp / "worker.log"
     port = free_port()
-    worker = await spawn_worker(_patient(env.settings), port, log)
+    worker = await spawn_worker(settings, port, log)
     try:
         await wait_until(lambda: worker_ready(port), 20, "the worker to be ready")
         # Creates are held until the broker is down: the restart certainly lands mid batch
-        # (with 0.02 s per create the batch could finish before rabbitmqctl even ran).
+        # (with 0.02 s per create the batch could finish before the broker stopped).
         hold = env.billingo.plan.add(Fault("hold", method="POST", path="/documents"))
         sales = [paid_event(tenant.tenant_id, f"S-BR-{i}") for i in range(150)]
         for sale in sales:
-            await env.publish(sale)
+            await publish_event(channel, settings.exchange, sale)
         await wait_until(lambda: env.billingo.plan.held >= HELD, 30, f"{HELD} creates held")
 
-        await asyncio.to_thread(_rabbitmqctl, "stop_app")
+        await own_broker.stop_app()
         # The held creates finish while the broker is away: their outcomes cannot be
         # announced or acked, so the ledger must turn the re-deliveries into no second invoice.
         assert env.documents(tenant.tenant_id) == []
         hold.times = 0
         env.billingo.plan.release()
-        await asyncio.to_thread(_rabbitmqctl, "start_app")
-        await asyncio.to_thread(_rabbitmqctl, "await_startup")
+        await own_broker.start_app()
 
         # The worker reconnects by itself and finishes the batch (quorum queues kept it).
         await wait_until(lambda: worker_ready(port), 60, "the worker to consume again")
@@ -153,6 +170,8 @@ async def test_broker_restart_mid_batch_each_sale_issued_once(env: Env) -> None:
     finally:
         worker.send_signal(signal.SIGTERM)
         await asyncio.wait_for(worker.wait(), 30)
+        with contextlib.suppress(Exception):
+            await connection.close()
     vendor_ids = [d["vendor_id"] for d in env.documents(tenant.tenant_id)]
     assert len(vendor_ids) == 150
     assert len(set(vendor_ids)) == 150  # each sale issued once
