@@ -57,6 +57,13 @@ class OwnBroker:
         )
 
     async def start(self) -> str:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.shutdown()  # a node half up must not outlive the test
+            raise
+
+    async def _start(self) -> str:
         home = self.dir / "home"
         home.mkdir()
         cookie = home / ".erlang.cookie"
@@ -90,5 +97,7 @@ class OwnBroker:
     async def shutdown(self) -> None:
         try:
             await asyncio.to_thread(self.ctl, "shutdown", timeout=60)
+        except subprocess.CalledProcessError:
+            pass  # not running (it never started, or it is gone already)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
