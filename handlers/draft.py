@@ -37,7 +37,7 @@ def external_key(tenant_id: str, sale_id: str, invoice_generation: int) -> str:
     account, and a lookup that finds another sale's invoice would adopt and cancel it.
 
     - ``bookinda:{tenant}:{sale}:{gen}`` when neither id contains ``%`` or ``:`` (the only
-      format before, so existing invoices keep their key);
+      format before, so the invoices of such ids keep their key);
     - ``bookinda-q:{tenant}:{sale}:{gen}`` otherwise, with ``%`` → ``%25`` and ``:`` → ``%3A``
       in both ids, so the three parts split apart again at the ``:``;
     - ``bookinda-h:{sha256 of the quoted parts}`` when either form would exceed
