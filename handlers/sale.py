@@ -8,12 +8,13 @@ its deterministic external key instead of creating a second one.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from handlers.context import Context, Handled
-from handlers.draft import build_draft, external_key
+from handlers.draft import STORNO_SUFFIX, build_draft, lookup_keys
 from handlers.ledger import SaleKey, SaleRecord, SaleState
 from handlers.messages import (
     CancellationInfo,
@@ -24,7 +25,7 @@ from handlers.messages import (
     SaleStorno,
 )
 from handlers.validation import validate_sale
-from providers.base import CancelRequest, Provider, TenantConnection
+from providers.base import Cancellation, CancelRequest, IssuedInvoice, Provider, TenantConnection
 from providers.errors import ErrorCode, InvoicingError
 
 log = structlog.get_logger(__name__)
@@ -130,7 +131,7 @@ async def _issue(
         # An earlier create may have succeeded without us hearing the answer: look first, and
         # only once the provider can no longer be committing it (whoever sent it).
         ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
-        found = await provider.find_invoice(conn, key.external_key)
+        found = await _find_invoice(provider, conn, key)
         if found is not None:
             log.info("invoice.found", document_id=found.document_id)
             return await ctx.ledger.record_issued(
@@ -226,7 +227,7 @@ async def _find_issued(
         if record.state is not SaleState.VOIDING:
             await ctx.ledger.record_voiding(record.key, ctx.owner, event.event_id)
         ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
-    found = await provider.find_invoice(conn, record.key.external_key)
+    found = await _find_invoice(provider, conn, record.key)
     if found is None:
         return None
     issued = await ctx.ledger.record_issued(
@@ -234,7 +235,7 @@ async def _find_issued(
     )
     if not found.cancelled:
         return issued
-    cancellation = await provider.find_cancellation(conn, found, _cancel_request(event, issued))
+    cancellation = await _find_cancellation(provider, conn, found, _cancel_request(event, issued))
     if cancellation is None:
         raise InvoicingError(
             ErrorCode.PROVIDER_REJECTED,
@@ -274,9 +275,35 @@ def _cancel_request(event: SaleStorno, record: SaleRecord) -> CancelRequest:
         tenant_id=key.tenant_id,
         sale_id=key.sale_id,
         invoice_generation=key.invoice_generation,
-        external_key=external_key(key.tenant_id, key.sale_id, key.invoice_generation) + ":storno",
+        external_key=key.external_key + STORNO_SUFFIX,
         reason=event.reason,
     )
+
+
+async def _find_invoice(
+    provider: Provider, conn: TenantConnection, key: SaleKey
+) -> IssuedInvoice | None:
+    # Only by keys that name this sale generation alone (handlers.draft.legacy_key): tenants
+    # may share a provider account, and whatever is found here is adopted and may be cancelled.
+    for lookup in lookup_keys(key.tenant_id, key.sale_id, key.invoice_generation):
+        found = await provider.find_invoice(conn, lookup)
+        if found is not None:
+            return found
+    return None
+
+
+async def _find_cancellation(
+    provider: Provider, conn: TenantConnection, invoice: IssuedInvoice, request: CancelRequest
+) -> Cancellation | None:
+    """The invoice's cancellation, by its own key or the one a pre-quoting cancel carries."""
+    keys = lookup_keys(request.tenant_id, request.sale_id, request.invoice_generation)
+    for lookup in keys:
+        found = await provider.find_cancellation(
+            conn, invoice, replace(request, external_key=lookup + STORNO_SUFFIX)
+        )
+        if found is not None:
+            return found
+    return None
 
 
 def _check_document(event: SaleStorno, record: SaleRecord) -> None:
@@ -303,7 +330,7 @@ async def _cancel(
         # A cancel is never idempotent at Billingo: look for the storno before asking again,
         # once the earlier cancel can no longer be committing.
         ctx.wait_out_grace(record.cancel_sent_at, "an earlier cancel")
-        found = await provider.find_cancellation(conn, invoice, request)
+        found = await _find_cancellation(provider, conn, invoice, request)
         if found is not None:
             return await ctx.ledger.record_cancelled(
                 key, ctx.owner, event.event_id, found, found=True, release=True
