@@ -108,15 +108,15 @@ async def _wait_for(
         await asyncio.sleep(0.01)
 
 
-async def _write_until(ledger: SqliteLedger, started: Callable[[], bool]) -> None:
-    """Sales' first writes, one after another, until ``started()`` (a checkpoint pass began on
-    the thread); a 5 s deadline."""
+async def _write_until_a_checkpoint(ledger: SqliteLedger) -> None:
+    """Sales' first writes, one after another, until one of them queued a checkpoint on the
+    thread; no write follows it (it would wait for the checkpoint). A 5 s deadline."""
     n, deadline = 0, time.monotonic() + 5
-    while not started():
+    checkpoints = ledger.checkpoints
+    while ledger.checkpoints == checkpoints:
         n += 1
         assert await ledger.acquire(_key(f"S-{n}"), "w", 30) is not None
-        await asyncio.sleep(0.001)  # the executor thread needs the GIL to start the pass
-        assert time.monotonic() < deadline, "no checkpoint pass started"
+        assert time.monotonic() < deadline, "no checkpoint queued"
 
 
 def _returns(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -560,10 +560,10 @@ async def test_reacquired_lease_is_really_released(make_ledger: LedgerFactory) -
     assert await b.acquire(key, "w2", 30) is not None
 
 
-# --------------------------------------------------------------------------- SQLite inline path
+# --------------------------------------------------------------------------- SQLite group commit
 
 
-async def test_sqlite_write_falls_back_to_the_thread_while_locked(tmp_path: Path) -> None:
+async def test_sqlite_write_waits_on_the_thread_while_locked(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     ledger = SqliteLedger(str(path))
     await ledger.open()
@@ -571,11 +571,12 @@ async def test_sqlite_write_falls_back_to_the_thread_while_locked(tmp_path: Path
     try:
         key = _key()
         assert await ledger.acquire(key, "w1", 30) is not None
+        assert (ledger.inline_commits, ledger.thread_commits) == (0, 1)
         blocker.execute("BEGIN IMMEDIATE")  # another process's write transaction
         task = asyncio.create_task(ledger.start_issue(key, "w1", "billingo", "ev"))
         released = asyncio.create_task(ledger.release(_key("S-other"), "w1"))
-        # Both writes go in one group commit; busy inline, the group waits on the thread.
-        await _wait_for(_returns(lambda: ledger.thread_commits == 1), what="a thread commit")
+        # Both writes go in one group commit, which waits for the lock on the thread.
+        await _wait_for(_returns(lambda: ledger.thread_commits == 2), what="a thread commit")
         assert not task.done()
         assert not released.done()
         # Readers are not blocked by the writer (WAL), and the loop is not blocked either.
@@ -592,10 +593,9 @@ async def test_sqlite_write_falls_back_to_the_thread_while_locked(tmp_path: Path
             True,
         )
         assert [e.operation for e in await ledger.history("S-1")] == ["issue.requested"]
-        # The lock is free again: the next write is committed inline, without a thread hop.
-        inline_before = ledger.inline_commits
+        # The lock is free again: the next write is one more group, never inline (a file).
         await ledger.issue_failed(key, "w1", "ev", "x", "y", False)
-        assert (ledger.inline_commits, ledger.thread_commits) == (inline_before + 1, 1)
+        assert (ledger.inline_commits, ledger.thread_commits) == (0, 3)
     finally:
         blocker.close()
         await ledger.close()
@@ -606,15 +606,15 @@ async def test_sqlite_writes_of_one_iteration_share_one_commit(tmp_path: Path) -
     await ledger.open()
     try:
         keys = [_key(f"S-{n}") for n in range(50)]
-        before = ledger.inline_commits
+        before = ledger.thread_commits
         records = await asyncio.gather(*(ledger.acquire(k, "w", 30) for k in keys))
         assert all(r is not None for r in records)
-        assert ledger.inline_commits == before + 1  # 50 writes, one COMMIT
+        assert ledger.thread_commits == before + 1  # 50 writes, one COMMIT
         # Each caller got its own result, and each write is durable on its own row.
         await asyncio.gather(
             *(ledger.start_issue(k, "w", "billingo", f"ev-{k.sale_id}") for k in keys)
         )
-        assert ledger.inline_commits == before + 2
+        assert ledger.thread_commits == before + 2
         for k in keys:
             rec = await ledger.get(k)
             assert rec is not None
@@ -633,7 +633,7 @@ async def test_sqlite_close_commits_the_writes_still_waiting_for_their_group(
     await ledger.open()
     tasks = [asyncio.create_task(ledger.acquire(_key(f"S-{n}"), "w", 30)) for n in range(20)]
     await asyncio.sleep(0)  # each task has asked for its write; the group commit is not due yet
-    assert ledger.inline_commits == 0
+    assert (ledger.inline_commits, ledger.thread_commits) == (0, 0)
     await ledger.close()
     records = await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
     assert all(r is not None and r.state is SaleState.NEW for r in records)
@@ -675,9 +675,10 @@ async def test_sqlite_one_failing_write_does_not_fail_its_group(tmp_path: Path) 
         await ledger.close()
 
 
-async def test_sqlite_busy_inside_a_transaction_is_rolled_back_and_retried(tmp_path: Path) -> None:
-    # An inline attempt that fails with SQLITE_BUSY after its BEGIN must leave nothing behind:
-    # the transition (UPDATE + audit) is retried whole on the thread, exactly once.
+async def test_sqlite_busy_inside_a_transaction_is_rolled_back(tmp_path: Path) -> None:
+    # A group that fails with SQLITE_BUSY after its BEGIN (the thread's connection gave up
+    # waiting for the lock) must leave nothing behind: the transition (UPDATE + audit) is rolled
+    # back whole, its caller gets the error, and the same call later succeeds from scratch.
     ledger = SqliteLedger(str(tmp_path / "ledger.db"))
     await ledger.open()
     try:
@@ -695,8 +696,14 @@ async def test_sqlite_busy_inside_a_transaction_is_rolled_back_and_retried(tmp_p
             return real_restamp(bound)
 
         ledger._restamp = busy_once  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await ledger.start_issue(key, "w1", "billingo", "ev")
+        assert await ledger.history("S-1") == []
+        rec = await ledger.get(key)
+        assert rec is not None
+        assert (rec.state, rec.issue_attempts) == (SaleState.NEW, 0)
         rec = await ledger.start_issue(key, "w1", "billingo", "ev")
-        assert attempts == [True, False]  # inline first, then the thread
+        assert attempts == [False, False]  # both on the thread, never on the loop
         assert rec.issue_attempts == 1
         assert [e.operation for e in await ledger.history("S-1")] == ["issue.requested"]
     finally:
@@ -734,18 +741,19 @@ async def test_sqlite_checkpoints_run_off_the_loop(
         await ledger.close()
 
 
-async def test_sqlite_writes_commit_while_a_checkpoint_copies(
+async def test_sqlite_writes_wait_for_a_checkpoint_then_the_wal_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The copying pass of a checkpoint takes ~20 ms per 1,000 writes; sales must not wait for
-    # it. Only the short catch-up pass after it holds the writes, and then the WAL restarts.
+    # Writes are committed on the thread, so a checkpoint there cannot race them: they wait in
+    # _pending while it runs, then commit as one group, and that group starts the WAL again
+    # from its beginning.
     monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 5)
     ledger = SqliteLedger(str(tmp_path / "ledger.db"))
     await ledger.open()
     copying, release = threading.Event(), threading.Event()
     passes: list[int] = []  # frames in the WAL at each pass
 
-    def slow_first_pass(conn: sqlite3.Connection) -> bool:
+    def slow_pass(conn: sqlite3.Connection) -> bool:
         busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         passes.append(frames)
         if len(passes) == 1:  # the first pass stays on the thread until released
@@ -753,23 +761,24 @@ async def test_sqlite_writes_commit_while_a_checkpoint_copies(
             release.wait(10)
         return bool(not busy and copied >= frames)
 
-    monkeypatch.setattr(sqlite_ledger, "_passive", slow_first_pass)
+    monkeypatch.setattr(sqlite_ledger, "_passive", slow_pass)
     try:
-        await _write_until(ledger, copying.is_set)
+        await _write_until_a_checkpoint(ledger)
+        await _wait_for(_returns(copying.is_set), what="the checkpoint pass")
         # No other checkpoint from here on: the probe below must be the only other one.
         monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
-        for i in range(3):
-            # Committed while the first pass still holds the thread (until `release`).
-            record = await asyncio.wait_for(ledger.acquire(_key(f"during-{i}"), "w", 30), 5)
-            assert record is not None
-        assert not release.is_set()
-        assert len(passes) == 1  # still the first pass
+        commits = ledger.thread_commits
+        during = [
+            asyncio.ensure_future(ledger.acquire(_key(f"during-{i}"), "w", 30)) for i in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        assert not any(w.done() for w in during), "a write committed during the checkpoint"
+        assert ledger.thread_commits == commits
         release.set()
-        await _wait_for(_returns(lambda: len(passes) >= 2), what="the catch-up pass")
-        await _wait_for(_returns(lambda: not ledger._thread_busy), what="the catch-up to end")
-        assert await ledger.acquire(_key("after"), "w", 30) is not None
-        assert ledger.thread_commits == 0
-        # The WAL restarted after the catch-up: it holds the last write's frames only.
+        assert all(r is not None for r in await asyncio.wait_for(asyncio.gather(*during), 5))
+        assert ledger.thread_commits == commits + 1  # the waiting writes: one group
+        assert passes[0] > 0
+        # The WAL restarted after the checkpoint: it holds the last group's frames only.
         probe = sqlite3.connect(tmp_path / "ledger.db")
         try:
             (_, frames, _) = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -781,49 +790,48 @@ async def test_sqlite_writes_commit_while_a_checkpoint_copies(
         await ledger.close()
 
 
-async def test_sqlite_writes_wait_for_a_catch_up_queued_behind_a_thread_write(
+async def test_sqlite_writes_wait_for_a_checkpoint_queued_behind_a_waiting_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A write that found the lock taken (another process) goes to the thread while a first
-    # pass runs there; the catch-up pass then queues behind it. When that write is done, the
-    # catch-up is still to come, and our writes must keep waiting for it.
-    monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 5)
+    # A group waits on the thread for the lock another process holds, and the checkpoint it
+    # made due is queued behind it. When that group is done, the checkpoint is still to come,
+    # and our writes must keep waiting for it.
     path = tmp_path / "ledger.db"
     ledger = SqliteLedger(str(path))
     await ledger.open()
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    first_running, first_go = threading.Event(), threading.Event()
-    catch_up_running, catch_up_go = threading.Event(), threading.Event()
+    running, go = threading.Event(), threading.Event()
     real_passive = sqlite_ledger._passive
 
-    def held_passes(conn: sqlite3.Connection) -> bool:
-        if not first_running.is_set():
-            first_running.set()
-            first_go.wait(10)
-        else:
-            catch_up_running.set()
-            catch_up_go.wait(10)
+    def held_pass(conn: sqlite3.Connection) -> bool:
+        running.set()
+        go.wait(10)
         return real_passive(conn)
 
-    monkeypatch.setattr(sqlite_ledger, "_passive", held_passes)
+    monkeypatch.setattr(sqlite_ledger, "_passive", held_pass)
+    monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 1)
     try:
-        await _write_until(ledger, first_running.is_set)
-        monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         busy = asyncio.ensure_future(ledger.acquire(_key("busy"), "w", 30))
-        await _wait_for(_returns(lambda: ledger.thread_commits == 1), what="the thread write")
-        other.execute("COMMIT")
-        first_go.set()
-        await _wait_for(_returns(catch_up_running.is_set), what="the catch-up pass")
-        assert await asyncio.wait_for(busy, 5) is not None  # ran on the thread before it
+        await _wait_for(
+            _returns(lambda: ledger.thread_commits == 1 and ledger.checkpoints == 1),
+            what="the group and its checkpoint on the thread",
+        )
+        monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 10**9)
         probe = asyncio.ensure_future(ledger.acquire(_key("probe"), "w", 30))
         await asyncio.sleep(0.2)
-        assert not probe.done(), "a write committed inline during the catch-up pass"
-        catch_up_go.set()
+        assert not busy.done()
+        assert not probe.done()
+        other.execute("COMMIT")
+        await _wait_for(_returns(running.is_set), what="the checkpoint")
+        assert await asyncio.wait_for(busy, 5) is not None  # ran on the thread before it
+        await asyncio.sleep(0.2)
+        assert not probe.done(), "a write committed during the checkpoint"
+        go.set()
         assert await asyncio.wait_for(probe, 5) is not None
+        assert (ledger.thread_commits, ledger.checkpoints) == (2, 1)
     finally:
-        first_go.set()
-        catch_up_go.set()
+        go.set()
         await ledger.close()
         other.close()
 
@@ -831,9 +839,9 @@ async def test_sqlite_writes_wait_for_a_catch_up_queued_behind_a_thread_write(
 async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # With our writes waiting, the catch-up pass copies everything unless another process
+    # With our writes waiting, the checkpoint's pass copies everything unless another process
     # wrote meanwhile; then it escalates to TRUNCATE, which waits for that writer and leaves
-    # an empty WAL file. Here a second connection commits while the catch-up pass runs.
+    # an empty WAL file. Here a second connection commits while the pass runs.
     monkeypatch.setattr(sqlite_ledger, "_CHECKPOINT_EVERY", 5)
     path = tmp_path / "ledger.db"
     ledger = SqliteLedger(str(path))
@@ -844,8 +852,8 @@ async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
     real_passive = sqlite_ledger._passive
     committer = threading.Timer(0.2, lambda: other.execute("COMMIT"))
 
-    def other_process_writes_in_the_catch_up(conn: sqlite3.Connection) -> bool:
-        if calls:  # the catch-up pass: another process commits just before it copies
+    def other_process_writes_in_the_pass(conn: sqlite3.Connection) -> bool:
+        if not calls:  # the first pass: another process commits just before it copies
             other.execute("INSERT INTO other_process VALUES (1)")
             real_passive(conn)
             other.execute("BEGIN IMMEDIATE")  # holds the write lock while the pass decides
@@ -856,13 +864,13 @@ async def test_sqlite_checkpoint_truncates_when_another_writer_kept_frames_back(
         calls.append(real_passive(conn))
         return calls[-1]
 
-    monkeypatch.setattr(sqlite_ledger, "_passive", other_process_writes_in_the_catch_up)
+    monkeypatch.setattr(sqlite_ledger, "_passive", other_process_writes_in_the_pass)
     wal = tmp_path / "ledger.db-wal"
     try:
-        # Until the first pass is done; then no write of ours follows.
-        await _write_until(ledger, lambda: bool(calls))
+        # Until a checkpoint is queued; then no write of ours follows.
+        await _write_until_a_checkpoint(ledger)
         await _wait_for(
-            _returns(lambda: len(calls) >= 2 and not ledger._thread_busy), what="the catch-up"
+            _returns(lambda: bool(calls) and not ledger._thread_busy), what="the checkpoint"
         )
         # TRUNCATE waited for the other writer's COMMIT, copied its frames too and emptied
         # the file; nothing of either writer was lost.

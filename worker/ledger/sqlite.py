@@ -1,39 +1,40 @@
 """The SQLite ledger: one file, one worker process (or a few on one host).
 
-Writes are committed in groups: every write asked for during one event-loop iteration (the
-ledger steps of all sales in flight that reached it meanwhile) runs in one ``BEGIN IMMEDIATE``
-transaction with one COMMIT, and each caller returns only after that COMMIT. The write lock is
-taken up front, so two processes on the same file queue on the lock instead of failing on a lock
-upgrade. A write that fails rolls its group back, and the group is then written one transaction
-per write, so one failing write never fails the others. Group commit turned three transactions
-per sale into a fraction of one under load (bench/README.md).
+Writes are committed in groups: every write asked for during one event-loop iteration, or while
+the previous group was still committing (the ledger steps of all sales in flight that reached it
+meanwhile), runs in one ``BEGIN IMMEDIATE`` transaction with one COMMIT, and each caller returns
+only after that COMMIT. The write lock is taken up front, so two processes on the same file
+queue on the lock instead of failing on a lock upgrade. A write that fails rolls its group back,
+and the group is then written one transaction per write, so one failing write never fails the
+others. Group commit turned three transactions per sale into a fraction of one under load
+(bench/README.md).
 
-Where statements run: in WAL mode an uncontended write transaction is one append to the WAL and,
-with ``synchronous=FULL``, one fsync of it, shared by every write of the group: cheaper than
-handing each write to a thread and back. Writes and point reads therefore run **inline on the
-event loop thread**, on a connection with ``busy_timeout = 0``: it never waits for a lock. When
-the write lock is held elsewhere (another process on the same file, or our own fallback thread)
-that attempt fails at once with SQLITE_BUSY, changes nothing, and the call is retried on a
-dedicated thread with a second connection that waits up to 30 s for the lock, as every call did
-before. Two connections rather than toggling ``busy_timeout`` on one: a connection's transaction
-state would be shared between the two threads (the loop's BEGIN would land inside the thread's
-open transaction), and the loop would have to wait for the thread to be done with it. Scans
-(history, state counts, uninvoiced sales, connection states) also run on that thread, so a large
-table never stalls the loop; WAL readers do not block the writer.
+Where statements run: with ``synchronous=FULL`` a COMMIT is an fsync of the WAL (~0.4 ms on
+our disk), and on the event loop thread it would stall every sale in flight for it. So the
+group's transaction runs on a dedicated executor thread with its own connection (the GIL is
+released while SQLite works and syncs), and the loop goes on meanwhile: **pipelined group
+commit**. One group is on the thread at a time; writes asked for meanwhile wait in
+``_pending`` and become the next group when the thread's turn ends (``_thread_done``), so
+groups grow with the load instead of the fsyncs. That connection waits up to 30 s for the write
+lock (``busy_timeout``), so another process on the same file makes a group wait, never fail at
+once. Point reads run **inline on the event loop thread**, on a second connection with
+``busy_timeout = 0``: in WAL mode they see every committed group and never wait for the writer;
+in the rare case a reader gets SQLITE_BUSY (another connection recovering the WAL index) the read
+is retried on the thread. Scans (history, state counts, uninvoiced sales, connection states) run
+on the thread, so a large table never stalls the loop. A ``:memory:`` ledger has one connection
+(a second would be another, empty database) and commits inline: it never syncs.
 
-Checkpoints never run on the loop: the loop's connection has ``wal_autocheckpoint = 0`` and,
-every ``_CHECKPOINT_EVERY`` inline writes, a checkpoint runs on the thread, in two passes. This
-keeps the checkpoint's page copying and its fsyncs off the loop. The first pass is PASSIVE and
-races our writes, which go on committing inline meanwhile: it copies the interval's frames (3-5
-ms for 1,000 of the worker's group-committed writes, 18 ms for 1,000 ungrouped ones; every write
-waited that long before there were two passes). A passive checkpoint racing the writer never
-catches up on its own (the WAL grew by ~46 KB a sale, 3 GB after 67,000 sales in the bench), so
-a second PASSIVE pass follows with our writes waiting (``_thread_turn``): it copies only the
-frames written during the first, and the next write starts the WAL again from its beginning, so
-the file stays at the size of one interval's writes. The writes wait a few ms for it, mostly the
-hop to the thread (it needs the GIL) and its fsyncs. Should another process have written
-meanwhile (the second pass could not copy everything), it escalates to TRUNCATE, which waits for
-that writer and resets the WAL for certain.
+Checkpoints run on the thread too: the loop's connection has ``wal_autocheckpoint = 0`` (it
+never writes anyway), and every ``_CHECKPOINT_EVERY`` writes a checkpoint is queued on the
+thread right behind the group that crossed the mark. Our writes wait for it like for a group
+(they are committed on that thread, so a pass cannot race them): a PASSIVE pass then copies the
+whole WAL, and the next group starts the WAL again from its beginning, so the file stays at the
+size of one interval's writes. The writes wait a few ms for it, once every ~300 writes (p50
+2.8-3.3 ms in bench/ledger_bench.py; the former scheme, whose first pass raced inline writes,
+held them 1.6-1.8 ms for its catch-up pass). A passive checkpoint racing a writer that commits
+all the time would never catch up (the WAL once grew to 3 GB that way). Should another process
+have written meanwhile (the pass could not copy everything), it escalates to TRUNCATE, which
+waits for that writer and resets the WAL for certain.
 
 Durability: WAL with ``synchronous=FULL``: a caller returns only after its COMMIT reached the
 disk, so a power loss or an OS crash cannot drop a recorded ``start_issue`` (with NORMAL it
@@ -62,13 +63,13 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 _BUSY_TIMEOUT_MS = 30_000
-#: Inline writes between two checkpoints on the thread. A write dirties ~4 pages (row, audit
+#: Writes between two checkpoints on the thread. A write dirties ~4 pages (row, audit
 #: row, audit index, sqlite_sequence), fewer when a group commit shares them, so the WAL stays
 #: within ~1,000 pages. Small on purpose: a checkpoint's copy is a burst of CPU and I/O on the
 #: cores the broker and the worker share, and at 1,000 the slowest sales of a 350 sales/s run
 #: came in a cluster at every checkpoint (every 0.95 s); at 200 the latency timeline showed no
-#: such cluster (bench/README.md). The price: more catch-up passes, each holding the writes a
-#: few ms (p50 3.7, max 25 ms in one run at 380/s, 200 ms latency).
+#: such cluster (bench/README.md). The price: more checkpoints, each holding the writes a
+#: few ms.
 _CHECKPOINT_EVERY = 200
 
 
@@ -133,13 +134,9 @@ def _passive(conn: sqlite3.Connection) -> bool:
     return not busy and copied >= frames
 
 
-def _busy_outcome(ok: bool, value: Any) -> bool:
-    return not ok and isinstance(value, sqlite3.OperationalError) and _is_busy(value)
-
-
-def _settle(ops: list[_Op], outcomes: list[_Outcome], *, skip_busy: bool = False) -> None:
+def _settle(ops: list[_Op], outcomes: list[_Outcome]) -> None:
     for (_, future), (ok, value) in zip(ops, outcomes, strict=True):
-        if future.done() or (skip_busy and _busy_outcome(ok, value)):
+        if future.done():
             continue
         if ok:
             future.set_result(value)
@@ -153,22 +150,21 @@ class SqliteLedger(TransitionLedger):
         #: A file path, or ":memory:" (tests; gone when the ledger closes).
         self.path = path
         self._executor: ThreadPoolExecutor | None = None
-        #: Used only on the event loop thread; busy_timeout 0.
+        #: Point reads, on the event loop thread only; busy_timeout 0. (":memory:": the same
+        #: connection as ``_thread_conn``, and it does the writes too.)
         self._conn: sqlite3.Connection | None = None
-        #: Used only on the executor thread; busy_timeout 30 s.
+        #: Write groups, checkpoints and scans, on the executor thread only; busy_timeout 30 s.
         self._thread_conn: sqlite3.Connection | None = None
         self._writes_since_checkpoint = 0
         #: Writes waiting for the next group commit, and whether it is scheduled.
         self._pending: list[_Op] = []
         self._flush_scheduled = False
-        #: Write groups and checkpoint catch-up passes queued on or running on the thread
-        #: (writes wait while any is). Counted, not a flag: a write group that found the lock
-        #: taken may still be on the thread when a catch-up pass is queued behind it.
+        #: Write groups and checkpoints queued on or running on the thread (writes wait while
+        #: any is). Counted, not a flag: a checkpoint is queued behind the group before it.
         self._thread_turns = 0
-        #: A checkpoint's first pass is running on the thread (writes go on).
-        self._checkpointing = False
         self._idle_waiters: list[asyncio.Future[None]] = []
-        #: Group commits so far, inline and on the thread, and checkpoints (tests, benchmarks).
+        #: Group commits so far, inline (":memory:") and on the thread (a file), and
+        #: checkpoints (tests, benchmarks).
         self.inline_commits = 0
         self.thread_commits = 0
         self.checkpoints = 0
@@ -210,48 +206,42 @@ class SqliteLedger(TransitionLedger):
         asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Commit the pending writes inline; the ones that find the lock taken (another
-        process) go to the thread, which waits for it."""
+        """Commit the pending writes as one group: on the thread for a file, so its fsync
+        never holds the loop; inline for ":memory:", which has nothing to sync."""
         self._flush_scheduled = False
         if self._thread_busy:
-            return
+            return  # the group on the thread first; _thread_done calls again
         ops = [op for op in self._pending if not op[1].done()]  # a cancelled caller: skipped
         self._pending = []
         if not ops:
             return
-        conn = self._conn
-        if conn is None:
-            _settle(ops, [(False, RuntimeError("ledger is not open"))] * len(ops))
-            return
+        fns = [fn for fn, _ in ops]
         try:
-            outcomes = _run_batch(conn, [fn for fn, _ in ops])
-            self.inline_commits += 1
-            busy = [
-                op
-                for op, (ok, value) in zip(ops, outcomes, strict=True)
-                if _busy_outcome(ok, value)
-            ]
-            _settle(ops, outcomes, skip_busy=True)
-            if busy:
-                # Rolled back, nothing of these written: wait for the lock on the thread.
-                self._to_thread(busy)
-            else:
-                self._committed_inline(len(ops))
+            executor, conn, thread_conn = self._open_conns()
+            if self._memory:
+                outcomes = _run_batch(conn, fns)
+                self.inline_commits += 1
+                _settle(ops, outcomes)
+                return
+            done = self._thread_turn(executor, _run_batch, thread_conn, fns)
         except BaseException as exc:
             # Whatever went wrong here, no caller may be left waiting for its COMMIT.
             _settle(ops, [(False, exc)] * len(ops))
+            if isinstance(exc, Exception):
+                return
             raise
-
-    def _to_thread(self, ops: list[_Op]) -> None:
-        executor, _, thread_conn = self._open_conns()
         self.thread_commits += 1
-        done = self._thread_turn(executor, _run_batch, thread_conn, [fn for fn, _ in ops])
 
         def settle(done: asyncio.Future[list[_Outcome]]) -> None:
             exc = asyncio.CancelledError() if done.cancelled() else done.exception()
             _settle(ops, [(False, exc)] * len(ops) if exc is not None else done.result())
 
         done.add_done_callback(settle)
+        self._writes_since_checkpoint += len(ops)
+        if self._writes_since_checkpoint >= _CHECKPOINT_EVERY:
+            self._writes_since_checkpoint = 0
+            self.checkpoints += 1
+            self._thread_turn(executor, self._checkpoint, thread_conn)
 
     @property
     def _thread_busy(self) -> bool:
@@ -260,10 +250,8 @@ class SqliteLedger(TransitionLedger):
     def _thread_turn(
         self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any
     ) -> asyncio.Future[T]:
-        """Run a write (or a checkpoint) on the thread. Until it is done, new writes wait in
-        ``_pending`` instead of trying the lock inline: the thread holds it, so they would
-        only get SQLITE_BUSY and each follow on the thread one hop at a time. When the last
-        turn ends they are committed inline, as one group."""
+        """Run a write group (or a checkpoint) on the thread. Until it is done, new writes
+        wait in ``_pending``; when the last turn ends they go to the thread as one group."""
         done = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         self._thread_turns += 1  # after the submit: a refused one leaves nothing waiting
         done.add_done_callback(self._thread_done)
@@ -275,8 +263,7 @@ class SqliteLedger(TransitionLedger):
             log.warning("ledger.thread_failed", exc_info=exc)
         if self._thread_busy:
             return  # another turn is queued; it ends the wait
-        if not self._checkpointing:
-            self._wake_idle_waiters()
+        self._wake_idle_waiters()
         if self._pending:
             self._schedule_flush()
 
@@ -291,31 +278,6 @@ class SqliteLedger(TransitionLedger):
                 raise
         return await self._on_thread(fn)
 
-    def _committed_inline(self, writes: int) -> None:
-        if self._memory:
-            return
-        self._writes_since_checkpoint += writes
-        if self._writes_since_checkpoint < _CHECKPOINT_EVERY or self._checkpointing:
-            return
-        executor, _, thread_conn = self._open_conns()
-        self._writes_since_checkpoint = 0
-        self.checkpoints += 1
-        first = asyncio.get_running_loop().run_in_executor(executor, _passive, thread_conn)
-        self._checkpointing = True  # after the submit: a refused one leaves nothing waiting
-        first.add_done_callback(self._catch_up)
-
-    def _catch_up(self, first: asyncio.Future[bool]) -> None:
-        """After the first pass: copy what our writes added meanwhile, with them waiting.
-        Always: the first pass cannot tell whether a write landed while it ran (it reports
-        the frames it saw at its start)."""
-        self._checkpointing = False
-        if not first.cancelled() and (exc := first.exception()) is not None:
-            log.warning("ledger.checkpoint_failed", exc_info=exc)
-        if self._conn is None or self._executor is None:  # closed meanwhile
-            self._wake_idle_waiters()
-            return
-        self._thread_turn(self._executor, self._checkpoint, self._open_conns()[2])
-
     def _wake_idle_waiters(self) -> None:
         for waiter in self._idle_waiters:
             if not waiter.done():
@@ -324,7 +286,7 @@ class SqliteLedger(TransitionLedger):
 
     @staticmethod
     def _checkpoint(thread_conn: sqlite3.Connection) -> None:
-        # On the executor thread, writes waiting; see the module docstring.
+        # On the executor thread, our writes waiting; see the module docstring.
         try:
             if not _passive(thread_conn):
                 thread_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -420,8 +382,8 @@ class SqliteLedger(TransitionLedger):
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         if inline:
-            # Checkpoints are queued on the thread instead (see the module docstring), and the
-            # loop never waits for a lock: SQLITE_BUSY at once, then the thread's retry.
+            # The loop's connection only reads: it never checkpoints (see the module
+            # docstring) and never waits for a lock (SQLITE_BUSY at once, then the thread).
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("PRAGMA busy_timeout = 0")
         return conn
@@ -442,10 +404,8 @@ class SqliteLedger(TransitionLedger):
 
     async def close(self) -> None:
         # Commit what was asked before the connections go.
-        while self._conn is not None and (
-            self._pending or self._thread_busy or self._checkpointing
-        ):
-            if self._thread_busy or self._checkpointing:
+        while self._conn is not None and (self._pending or self._thread_busy):
+            if self._thread_busy:
                 idle = asyncio.get_running_loop().create_future()
                 self._idle_waiters.append(idle)
                 await idle
