@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +272,38 @@ def test_a_key_an_http_header_cannot_carry_is_refused_at_load(
     breaker = registry.breaker_error(registry.get("f"))  # type: ignore[arg-type]
     assert breaker is not None
     assert str(tmp_path / "k.key") in breaker.message
+
+
+def test_stdlib_records_are_one_scrubbed_json_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    worker_logging.register_secrets(["pg-password-4711"])
+    worker_logging.configure("info")
+    try:
+        try:
+            raise ConnectionRefusedError("connect to postgresql://u:pg-password-4711@db\nfailed")
+        except ConnectionRefusedError:
+            logging.getLogger("asyncpg.pool").exception("connection to %s lost", "db")
+        logging.getLogger("aiormq.connection").warning("heartbeat\nmissed")
+        logging.getLogger("aiohttp.access").info("below WARNING: not written")
+        structlog.get_logger("worker.process").info("message.handled", elapsed_ms=1.5)
+    finally:
+        structlog.reset_defaults()
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if getattr(handler, "stream", None) is sys.stdout:
+                root.removeHandler(handler)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3, lines
+    asyncpg, aiormq, ours = map(json.loads, lines)
+    assert asyncpg["event"] == "connection to db lost"
+    assert asyncpg["level"] == "error"
+    assert asyncpg["logger"] == "asyncpg.pool"
+    assert "Traceback" in asyncpg["exception"]
+    assert "ConnectionRefusedError" in asyncpg["exception"]
+    assert "pg-password-4711" not in lines[0]
+    assert "[redacted]" in asyncpg["exception"]
+    assert aiormq["event"] == "heartbeat\nmissed"
+    assert {"timestamp", "level"} <= set(aiormq)
+    # structlog's own lines keep their shape.
+    assert ours["event"] == "message.handled"
+    assert ours["elapsed_ms"] == 1.5
+    assert {"timestamp", "level"} <= set(ours)
