@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -53,6 +54,13 @@ def _json_line(event: Any, **kw: Any) -> str:
     return orjson.dumps(event, default=kw.get("default")).decode()
 
 
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    structlog.get_logger("worker").critical("worker.crashed", exc_info=(kind, exc, tb))
+
+
 class _StdlibJson(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler :func:`configure` puts on the root logger (found again and replaced when
     configure is called twice)."""
@@ -87,6 +95,9 @@ def configure(level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(max(numeric, logging.WARNING))
+    # The last words of a worker that dies (the ledger unreachable at start): one JSON line
+    # too, not a plain traceback on stderr.
+    sys.excepthook = _log_uncaught
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
