@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import Env, wait_until
+from tests.conftest import Env, free_port, spawn_worker, wait_until, worker_ready
 from worker.devtools.samples import paid_event
 
 pytestmark = pytest.mark.broker
@@ -103,3 +107,66 @@ async def test_a_missing_key_file_is_a_connection_error_that_recovers_by_itself(
 
 async def _dead_is(env: Env, n: int) -> bool:
     return await _depth(env, env.settings.dead_letter_queue) == n
+
+
+async def _status(port: int, path: str) -> int | None:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}") as r:
+            return r.status
+    except aiohttp.ClientError:
+        return None
+
+
+def _json_lines(log: Path) -> list[dict[str, object]]:
+    """Every line the worker wrote; fails on the first one that is not a JSON object."""
+    lines = log.read_text("utf-8").splitlines()
+    assert lines
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    return parsed
+
+
+async def test_a_worker_without_its_connections_file_is_not_ready_until_it_appears(
+    env: Env, tmp_path: Path
+) -> None:
+    tenant = env.add_tenant("cfg-proc", "szamlazz")
+    Path(env.settings.connections_file).unlink()
+    port, log = free_port(), tmp_path / "worker.log"
+    worker = await spawn_worker(env.settings, port, log)
+    try:
+        await wait_until(lambda: _is(port, "/healthz", 200), 30, "the worker to be alive")
+        await env.publish(paid_event(tenant.tenant_id, "S-P-0"))
+        assert await _status(port, "/readyz") == 503  # not consuming: the sale waits
+        env.write_connections()
+        await wait_until(lambda: worker_ready(port), 30, "the worker to be ready")
+        await env.outbox.wait_for(lambda o: _issued(env, {"S-P-0"}))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 30) == 0
+    events = [line["event"] for line in _json_lines(log)]
+    assert "connections.file_missing" in events
+    assert "consumer.waiting_for_connections_file" in events
+    assert await _depth(env, env.settings.dead_letter_queue) == 0
+
+
+async def _is(port: int, path: str, status: int) -> bool:
+    return await _status(port, path) == status
+
+
+async def test_a_worker_whose_ledger_is_unreachable_writes_only_json_lines(
+    env: Env, tmp_path: Path
+) -> None:
+    closed = free_port()  # nothing listens there: PostgreSQL is down
+    settings = env.settings.model_copy(
+        update={"ledger_url": f"postgresql://postgres@127.0.0.1:{closed}/test"}
+    )
+    log = tmp_path / "worker.log"
+    worker = await spawn_worker(settings, free_port(), log)  # stdout and stderr, as ops see it
+    assert await asyncio.wait_for(worker.wait(), 60) != 0
+    lines = _json_lines(log)
+    (crash,) = [line for line in lines if line["event"] == "worker.crashed"]
+    assert "Traceback" in str(crash["exception"])
