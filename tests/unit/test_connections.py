@@ -276,6 +276,7 @@ def test_a_key_an_http_header_cannot_carry_is_refused_at_load(
 
 def test_stdlib_records_are_one_scrubbed_json_line_each(capsys: pytest.CaptureFixture[str]) -> None:
     worker_logging.register_secrets(["pg-password-4711"])
+    excepthook = sys.excepthook
     worker_logging.configure("info")
     try:
         try:
@@ -286,6 +287,7 @@ def test_stdlib_records_are_one_scrubbed_json_line_each(capsys: pytest.CaptureFi
         logging.getLogger("aiohttp.access").info("below WARNING: not written")
         structlog.get_logger("worker.process").info("message.handled", elapsed_ms=1.5)
     finally:
+        sys.excepthook = excepthook
         structlog.reset_defaults()
         root = logging.getLogger()
         for handler in list(root.handlers):
