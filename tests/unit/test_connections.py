@@ -16,6 +16,8 @@ from prometheus_client import REGISTRY
 from providers.errors import ErrorCode, InvoicingError
 from worker import logging as worker_logging
 from worker.connections import ConnectionRegistry, parse_connections
+from worker.settings import Settings
+from worker.tools import connections_check
 
 FILE = """
 [tenants."hotel-aurora"]
@@ -309,3 +311,22 @@ def test_stdlib_records_are_one_scrubbed_json_line_each(capsys: pytest.CaptureFi
     assert ours["event"] == "message.handled"
     assert ours["elapsed_ms"] == 1.5
     assert {"timestamp", "level"} <= set(ours)
+
+
+async def test_connections_check_names_a_missing_key_file_without_asking_the_provider(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    settings = Settings(
+        connections_file=str(path),
+        billingo_url="http://127.0.0.1:9/",  # nothing listens: a provider call would fail
+    )
+    assert await connections_check(settings, None) == 1  # no connections file at all
+    assert "missing or not mounted" in capsys.readouterr().out
+
+    path.write_text('[tenants.kf]\nprovider = "billingo"\napi_key_file = "k.key"\n')
+    assert await connections_check(settings, None) == 1
+    out = capsys.readouterr().out
+    assert "ERROR  connection_config_invalid" in out
+    assert str(tmp_path / "k.key") in out
+    assert "network_error" not in out
