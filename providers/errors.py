@@ -21,7 +21,6 @@ class ErrorCode(StrEnum):
     INVALID_INVOICE_DATA = "invalid_invoice_data"
     INVALID_MESSAGE = "invalid_message"
     UNKNOWN_TENANT = "unknown_tenant"
-    CONNECTION_CONFIG_INVALID = "connection_config_invalid"
     NOT_INVOICED = "not_invoiced"
     DOCUMENT_MISMATCH = "document_mismatch"
     NETWORK_ERROR = "network_error"
@@ -48,7 +47,6 @@ CONNECTION_ERRORS: frozenset[ErrorCode] = frozenset(
         ErrorCode.AUTH_FAILED,
         ErrorCode.SUBSCRIPTION_REQUIRED,
         ErrorCode.DOCUMENT_BLOCK_NOT_FOUND,
-        ErrorCode.CONNECTION_CONFIG_INVALID,
     }
 )
 
@@ -99,12 +97,6 @@ FIXES: dict[ErrorCode, str] = {
     ),
     ErrorCode.UNKNOWN_TENANT: (
         "Add the tenant's provider connection to the connections file, " + _REPLAY
-    ),
-    ErrorCode.CONNECTION_CONFIG_INVALID: (
-        "The tenant's key cannot be used as configured (the message names the key file or "
-        "variable): mount or restore the key file, make it readable by the worker, and keep "
-        "exactly one key on one line in it; the worker notices the file, tests the connection "
-        "and goes ACTIVE by itself, then " + _REPLAY
     ),
     ErrorCode.NOT_INVOICED: (
         "No invoice exists for this sale generation, so there is nothing to storno: check the "

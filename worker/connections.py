@@ -274,7 +274,7 @@ class ConnectionRegistry:
         current = self._tenants.get(conn.tenant_id)
         if problem is None or current is None or current.fingerprint() != conn.fingerprint():
             return None
-        return InvoicingError(ErrorCode.CONNECTION_CONFIG_INVALID, problem)
+        return InvoicingError(ErrorCode.AUTH_FAILED, problem)
 
     def config_changes(self) -> list[HealthChange]:
         """The connection ERRORs the file itself causes (an unusable key), not yet announced."""

@@ -73,7 +73,7 @@ async def test_a_missing_key_file_is_a_connection_error_that_recovers_by_itself(
     await env.outbox.wait_for(lambda o: len(o.of_type("connection.status")) == 1)
     (error,) = env.outbox.of_type("connection.status")
     assert error["status"] == "ERROR"
-    assert error["error_code"] == "connection_config_invalid"
+    assert error["error_code"] == "auth_failed"
     assert str(key_file) in error["message"]
     assert tenant.secret not in error["message"]
     up = {"tenant": tenant.tenant_id, "provider": "billingo"}
@@ -90,10 +90,10 @@ async def test_a_missing_key_file_is_a_connection_error_that_recovers_by_itself(
     await env.outbox.wait_for(lambda o: _issued(env, {"S-K-OTHER"}))
     assert env.billingo.plan.count() == calls  # parked without a provider call
     dead = await env.dead_letters()
-    assert {d.headers["x-error-code"] for d in dead} == {"connection_config_invalid"}
+    assert {d.headers["x-error-code"] for d in dead} == {"auth_failed"}
     assert all(str(key_file) in str(d.headers["x-error-message"]) for d in dead)
     failed = env.outbox.of_type("invoice.failed")
-    assert {f["error"]["code"] for f in failed} == {"connection_config_invalid"}
+    assert {f["error"]["code"] for f in failed} == {"auth_failed"}
     assert all("key file" in f["error"]["fix"] for f in failed)
 
     key_file.write_text(tenant.secret + "\n", encoding="utf-8")  # mounted again

@@ -212,7 +212,7 @@ def test_a_missing_key_file_is_a_connection_error_until_it_appears(tmp_path: Pat
     assert conn is not None  # known: its sales are not unknown_tenant
     breaker = registry.breaker_error(conn)  # parked without a provider call, at once
     assert breaker is not None
-    assert breaker.code is ErrorCode.CONNECTION_CONFIG_INVALID
+    assert breaker.code is ErrorCode.AUTH_FAILED
     assert str(key) in breaker.message
     assert "not in the connections file" not in breaker.message
     assert _up("kf") == 0
@@ -220,7 +220,7 @@ def test_a_missing_key_file_is_a_connection_error_until_it_appears(tmp_path: Pat
     (change,) = registry.config_changes()
     assert change.event is not None
     assert change.event.status == "ERROR"
-    assert change.event.error_code == "connection_config_invalid"
+    assert change.event.error_code == "auth_failed"
     assert str(key) in change.event.message
     registry.apply(change)
     assert registry.config_changes() == []  # announced once
@@ -268,7 +268,7 @@ def test_a_key_an_http_header_cannot_carry_is_refused_at_load(
         # Found at load, parked without a call: not a provider_unavailable retried for hours.
         breaker = registry.breaker_error(conn)
         assert breaker is not None, tenant
-        assert breaker.code is ErrorCode.CONNECTION_CONFIG_INVALID
+        assert breaker.code is ErrorCode.AUTH_FAILED
         assert what in breaker.message
         assert "s3cr3t" not in breaker.message  # not even part of the key
     breaker = registry.breaker_error(registry.get("f"))  # type: ignore[arg-type]
@@ -327,6 +327,6 @@ async def test_connections_check_names_a_missing_key_file_without_asking_the_pro
     path.write_text('[tenants.kf]\nprovider = "billingo"\napi_key_file = "k.key"\n')
     assert await connections_check(settings, None) == 1
     out = capsys.readouterr().out
-    assert "ERROR  connection_config_invalid" in out
+    assert "ERROR  auth_failed" in out
     assert str(tmp_path / "k.key") in out
     assert "network_error" not in out
