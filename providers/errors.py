@@ -57,7 +57,9 @@ FIXES: dict[ErrorCode, str] = {
     ErrorCode.AUTH_FAILED: (
         "Generate a new API key in the provider (Billingo: Settings → API keys, read and write "
         "scope; Számlázz.hu: Settings → Számla Agent key), then Connect → Disconnect → paste the "
-        "new key → Test → Save (write it into the connections file), " + _REPLAY
+        "new key → Test → Save (write it into the connections file, or into the key file it "
+        "names; if the message says that key file is missing or unusable, restoring the file "
+        "is enough), " + _REPLAY
     ),
     ErrorCode.SUBSCRIPTION_REQUIRED: (
         "The provider plan has no API access: upgrade the subscription (Billingo: a plan with "

@@ -49,13 +49,17 @@ class Tenant:
     provider: str
     secret: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Set: the key lives in this file (``api_key_file`` / ``agent_key_file``), not inline.
+    key_file: Path | None = None
 
     def toml(self) -> str:
         key = "api_key" if self.provider == "billingo" else "agent_key"
         lines = [
             f'[tenants."{self.tenant_id}"]',
             f'provider = "{self.provider}"',
-            f'{key} = "{self.secret}"',
+            f'{key} = "{self.secret}"'
+            if self.key_file is None
+            else f'{key}_file = "{self.key_file}"',
         ]
         defaults: dict[str, Any] = (
             {"block_id": 111} if self.provider == "billingo" else {"invoice_prefix": "BELLA"}
@@ -90,9 +94,14 @@ class Env:
     def names(self) -> Names:
         return Names.from_settings(self.settings)
 
-    def add_tenant(self, tenant_id: str, provider: str, **extra: Any) -> Tenant:
+    def add_tenant(
+        self, tenant_id: str, provider: str, *, key_file: bool = False, **extra: Any
+    ) -> Tenant:
         secret = f"key-{tenant_id}-{uuid.uuid4().hex[:8]}"
         tenant = Tenant(tenant_id, provider, secret, extra)
+        if key_file:
+            tenant.key_file = self.tmp / f"{tenant_id}.key"
+            tenant.key_file.write_text(secret + "\n", encoding="utf-8")
         self.tenants[tenant_id] = tenant
         if provider == "billingo":
             self.billingo.add_account(secret, block_ids=(111,))
@@ -124,11 +133,12 @@ class Env:
     def sandbox(self, tenant_id: str) -> BillingoSandbox | SzamlazzSandbox:
         return self.billingo if self.tenants[tenant_id].provider == "billingo" else self.szamlazz
 
-    async def start_worker(self) -> App:
+    async def start_worker(self, *, wait_ready: bool = True) -> App:
         self.app = await self._stack.enter_async_context(build(self.settings))
         self._task = asyncio.create_task(serve(self.app, install_signals=False))
         app = self.app
-        await wait_until(lambda: app.consumer.ready, 20, "the worker to consume")
+        if wait_ready:
+            await wait_until(lambda: app.consumer.ready, 20, "the worker to consume")
         return app
 
     async def stop_worker(self) -> None:

@@ -19,7 +19,7 @@ from providers.billingo.client import BillingoProvider
 from providers.errors import CONNECTION_ERRORS, InvoicingError
 from providers.szamlazz.client import SzamlazzProvider
 from worker import dlq, http, metrics
-from worker.connections import ConnectionRegistry
+from worker.connections import ConnectionRegistry, HealthChange
 from worker.consumer import Consumer
 from worker.ledger import open_ledger
 from worker.logging import register_secrets
@@ -83,14 +83,20 @@ async def build(settings: Settings) -> AsyncIterator[App]:
 
 async def recheck_changed(app: App) -> list[OutEvent]:
     """The connections file changed: re-test tenants in ERROR with the provider's cheap check
-    ("Test → Save"), so they go ACTIVE without waiting for a sale to try."""
+    ("Test → Save"), so they go ACTIVE without waiting for a sale to try. A tenant whose key
+    the file makes unusable (a key file missing) is announced ERROR without a provider call."""
     rt = app.runtime
     changed = rt.connections.reload_if_changed()
     register_secrets([c.secret.get_secret_value() for c in changed])
     events: list[OutEvent] = []
+    if app.consumer.ready:  # else the next poll announces them
+        for broken in rt.connections.config_changes():
+            await _announce(app, broken)
+            if broken.event is not None:
+                events.append(broken.event)
     for conn in changed:
         health = rt.connections.health(conn.tenant_id)
-        if health is None or health.status != "ERROR":
+        if health is None or health.status != "ERROR" or rt.connections.config_error(conn):
             continue
         error: InvoicingError | None = None
         try:
@@ -102,13 +108,21 @@ async def recheck_changed(app: App) -> list[OutEvent]:
             continue
         # Announced (and confirmed) before it takes effect and before any replay, so Bookinda
         # hears ACTIVE before the replayed invoices.
-        await app.consumer.publish(change.event)
-        rt.connections.apply(change)
-        await rt.ledger.save_connection_state(change.state)
+        await _announce(app, change)
         events.append(change.event)
         if error is None and app.settings.auto_replay:
             await _replay_parked(app, conn.tenant_id)
     return events
+
+
+async def _announce(app: App, change: HealthChange) -> None:
+    """Publish (confirmed), then apply and persist: a failed publish leaves the health as it
+    was, so the next poll tries again."""
+    if change.event is not None:
+        await app.consumer.publish(change.event)
+    app.runtime.connections.apply(change)
+    if change.state is not None:
+        await app.runtime.ledger.save_connection_state(change.state)
 
 
 async def _replay_parked(app: App, tenant_id: str) -> None:

@@ -65,6 +65,7 @@ class Consumer:
         await self._publisher.event(event, correlation_id=None)
 
     async def run(self) -> None:
+        await self._until_configured()
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -89,6 +90,19 @@ class Consumer:
                 set(self._in_flight), timeout=self.rt.settings.shutdown_grace_seconds
             )
         log.info("consumer.stopped")
+
+    async def _until_configured(self) -> None:
+        """No connections file yet (a secret not mounted): every sale would be dead-lettered
+        as unknown_tenant, so stay unready and leave the sales queued until it appears (the
+        connections watcher reads it)."""
+        registry = self.rt.connections
+        if not registry.configured:
+            log.error("consumer.waiting_for_connections_file", path=str(registry.path))
+        while not registry.configured and not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stop.wait(), timeout=self.rt.settings.connections_poll_seconds
+                )
 
     async def _session(self) -> None:
         settings = self.rt.settings

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -53,19 +54,55 @@ def _json_line(event: Any, **kw: Any) -> str:
     return orjson.dumps(event, default=kw.get("default")).decode()
 
 
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    structlog.get_logger("worker").critical("worker.crashed", exc_info=(kind, exc, tb))
+
+
+class _StdlibJson(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`configure` puts on the root logger (found again and replaced when
+    configure is called twice)."""
+
+
 def configure(level: str = "info") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    # Libraries that log through stdlib logging (aio-pika, aiohttp) are kept at WARNING.
-    logging.basicConfig(
-        stream=sys.stdout, level=max(numeric, logging.WARNING), format="%(message)s"
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # Libraries log through stdlib logging (asyncpg, aiormq, aio-pika, aiohttp, asyncio): their
+    # records become the same JSON lines, traceback inside the line and secrets scrubbed, so
+    # stdout stays one JSON object per line whatever logs. Kept at WARNING.
+    handler = _StdlibJson(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                scrub,
+                structlog.processors.JSONRenderer(serializer=_json_line),
+            ],
+        )
     )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibJson)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(numeric, logging.WARNING))
+    # The last words of a worker that dies (the ledger unreachable at start): one JSON line
+    # too, not a plain traceback on stderr.
+    sys.excepthook = _log_uncaught
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             scrub,
             structlog.processors.JSONRenderer(serializer=_json_line),

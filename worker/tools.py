@@ -10,6 +10,9 @@ from worker.settings import Settings
 async def connections_check(settings: Settings, tenant: str | None) -> int:
     """The help pages' "Test": each connection ACTIVE, or ERROR with the reason and the fix."""
     registry = load_registry(settings)
+    if not registry.configured:
+        print(f"{settings.connections_file}: cannot be read (missing or not mounted)")
+        return 1
     tenants = [t for t in registry.tenants() if tenant is None or t.tenant_id == tenant]
     if tenant is not None and not tenants:
         print(f"{tenant}: not in {settings.connections_file} (unknown_tenant)")
@@ -19,6 +22,9 @@ async def connections_check(settings: Settings, tenant: str | None) -> int:
     try:
         for conn in tenants:
             try:
+                error = registry.config_error(conn)
+                if error is not None:  # no usable key: nothing to ask the provider with
+                    raise error
                 await providers[conn.provider].check_connection(conn)
             except InvoicingError as exc:
                 failures += 1
