@@ -121,8 +121,8 @@ FIXES: dict[ErrorCode, str] = {
     ),
     ErrorCode.PREVIOUS_INVOICE_VALID: (
         "Another invoice of this sale is still valid, so a new one is not issued: storno it "
-        "first (publish `sale.storno` for that generation from Bookinda, or cancel it in the "
-        "provider's UI and check `invoicing-worker history SALE_ID`), then " + _REPLAY
+        "first from Bookinda (a `sale.storno` for that generation; `invoicing-worker history "
+        "SALE_ID` shows which), then " + _REPLAY
     ),
     ErrorCode.PROVIDER_REJECTED: (
         "The provider refused the invoice (see the message; NAV errors are handled in the "
