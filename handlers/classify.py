@@ -12,6 +12,10 @@ from datetime import datetime, timedelta
 
 from providers.errors import ErrorCode, InvoicingError
 
+#: Transient waits that are not a provider outage: past the budget they are dead-lettered with
+#: their own code, so the person reading the dead-letter queue sees what is really wrong.
+KEEP_CODE_WHEN_EXHAUSTED: frozenset[ErrorCode] = frozenset({ErrorCode.PREVIOUS_INVOICE_VALID})
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -74,6 +78,8 @@ def classify(
         wanted = max(wanted, error.retry_after)
     delay = pick_tier(wanted, policy.ladder)
     if elapsed + delay > policy.budget_seconds:
+        if error.code in KEEP_CODE_WHEN_EXHAUSTED:
+            return DeadLetter(error.code, f"still so after {attempt} attempts: {error.message}")
         return DeadLetter(
             ErrorCode.RETRIES_EXHAUSTED,
             f"gave up after {attempt} attempts over {elapsed:.0f}s; "

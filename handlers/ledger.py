@@ -269,6 +269,10 @@ class Ledger(Protocol):
 
     async def get(self, key: SaleKey) -> SaleRecord | None: ...
 
+    async def generations(self, tenant_id: str, sale_id: str) -> list[SaleRecord]:
+        """Every generation of the sale the ledger knows, lowest first."""
+        ...
+
     async def history(self, sale_id: str, tenant_id: str | None = None) -> list[AuditEntry]:
         """The audit trail of every generation of the sale, oldest first."""
         ...

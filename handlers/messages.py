@@ -179,4 +179,13 @@ class ConnectionStatus(_Out):
     message: str
 
 
-OutEvent = InvoiceIssued | InvoiceCancelled | InvoiceFailed | ConnectionStatus
+class InvoiceVoided(_Out):
+    """The generation ended with no invoice: a storno came before one existed."""
+
+    event_type: Literal["invoice.voided"] = "invoice.voided"
+    sale_id: str
+    invoice_generation: int
+    reason: str
+
+
+OutEvent = InvoiceIssued | InvoiceCancelled | InvoiceFailed | ConnectionStatus | InvoiceVoided

@@ -13,13 +13,14 @@ from typing import Any
 
 import structlog
 
-from handlers.context import Context, Handled
+from handlers.context import Context, Deferred, Handled
 from handlers.draft import STORNO_SUFFIX, build_draft, lookup_keys
 from handlers.ledger import SaleKey, SaleRecord, SaleState
 from handlers.messages import (
     CancellationInfo,
     InvoiceCancelled,
     InvoiceIssued,
+    InvoiceVoided,
     ProviderName,
     SalePaid,
     SaleStorno,
@@ -70,6 +71,21 @@ def cancelled_event(record: SaleRecord, causation_id: str) -> InvoiceCancelled:
     )
 
 
+#: The ``reason`` of invoice.voided; a re-announcement cannot tell the two cases apart.
+VOIDED_BEFORE_INVOICE = "a storno arrived before the generation's invoice existed"
+VOIDED_PENDING_ABANDONED = "a storno arrived while the invoice was pending; it was not issued"
+
+
+def voided_event(record: SaleRecord, causation_id: str, reason: str) -> InvoiceVoided:
+    return InvoiceVoided(
+        causation_id=causation_id,
+        tenant_id=record.key.tenant_id,
+        sale_id=record.key.sale_id,
+        invoice_generation=record.key.invoice_generation,
+        reason=reason,
+    )
+
+
 def _attempts_left(used: int, provider: Provider, ctx: Context, what: str) -> None:
     # The Számla Agent's rule: never send one request more than max_provider_attempts times,
     # however many times the message comes back. Only sends that may have created something
@@ -96,13 +112,9 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
                 document_id=record.document_id,
             )
             return Handled("duplicate", (issued_event(record, event.event_id),))
-        if record.state in (
-            SaleState.CANCEL_PENDING,
-            SaleState.CANCELLED,
-            SaleState.VOIDED,
-            SaleState.VOIDING,
-        ):
-            # A late duplicate of a generation that was stornoed: nothing to issue.
+        if record.state in (SaleState.CANCEL_PENDING, SaleState.CANCELLED, SaleState.VOIDED):
+            # A late duplicate of a generation that was stornoed: nothing to issue, and the
+            # generation's known outcome is announced again (Bookinda's last word must be true).
             await ctx.ledger.audit(
                 key,
                 "issue",
@@ -110,7 +122,10 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
                 event_id=event.event_id,
                 detail=f"generation is {record.state}",
             )
-            return Handled("duplicate")
+            return Handled("duplicate", (_known_outcome(record, event.event_id),))
+        if record.state is SaleState.VOIDING:
+            # The storno is waiting out an in-doubt create: its outcome is not known yet.
+            raise Deferred("a storno is settling this generation's in-doubt create")
         # Checked after the ledger, so a re-delivered sale that was already invoiced is
         # announced again even if the tenant's settings changed since.
         if not conn.auto_invoice and event.sale.trigger == "auto":
@@ -121,6 +136,18 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
         provider = ctx.provider(conn, record)
         record = await _issue(event, conn, provider, record, ctx)
         return Handled("issued", (issued_event(record, event.event_id),), provider_ok=True)
+
+
+def _known_outcome(
+    record: SaleRecord, causation_id: str
+) -> InvoiceIssued | InvoiceCancelled | InvoiceVoided:
+    """What a duplicate re-announces: the generation's state as the ledger knows it."""
+    if record.state is SaleState.CANCELLED:
+        return cancelled_event(record, causation_id)
+    if record.state is SaleState.VOIDED:
+        return voided_event(record, causation_id, VOIDED_BEFORE_INVOICE)
+    # CANCEL_PENDING: the invoice is valid until its cancel is recorded.
+    return issued_event(record, causation_id)
 
 
 async def _issue(
@@ -137,6 +164,7 @@ async def _issue(
             return await ctx.ledger.record_issued(
                 key, ctx.owner, event.event_id, provider.name, found, found=True, release=True
             )
+    await _no_other_valid_invoice(key, ctx)
     _attempts_left(record.issue_attempts, provider, ctx, "the invoice")
     draft = build_draft(event, conn, ctx.today())
     ctx.may_send()
@@ -166,6 +194,32 @@ async def _issue(
     return record
 
 
+#: States of another generation whose invoice stands, or may (a create in doubt may land).
+_MAY_BE_VALID = (SaleState.ISSUED, SaleState.CANCEL_PENDING)
+
+
+async def _no_other_valid_invoice(key: SaleKey, ctx: Context) -> None:
+    """At most one valid invoice per sale: a new generation is issued only once every other
+    generation's invoice is cancelled (or never existed). Waits (a transient error) rather than
+    refusing, because the storno that cancels the other one may still be on its way."""
+    for other in await ctx.ledger.generations(key.tenant_id, key.sale_id):
+        if other.key.invoice_generation == key.invoice_generation:
+            continue
+        if other.state in _MAY_BE_VALID or (
+            other.issue_in_doubt and other.state not in (SaleState.CANCELLED, SaleState.VOIDED)
+        ):
+            what = (
+                f"invoice {other.invoice_number} is still valid"
+                if other.invoice_number
+                else "a create may have produced an invoice that is not cancelled"
+            )
+            raise InvoicingError(
+                ErrorCode.PREVIOUS_INVOICE_VALID,
+                f"sale {key.sale_id} generation {other.key.invoice_generation}: {what}; "
+                f"generation {key.invoice_generation} is issued only after its storno",
+            )
+
+
 async def handle_storno(event: SaleStorno, ctx: Context) -> Handled:
     conn = ctx.connection(event.tenant_id)
     key = SaleKey(event.tenant_id, event.sale_id, event.invoice_generation)
@@ -189,7 +243,9 @@ async def handle_storno(event: SaleStorno, ctx: Context) -> Handled:
                 event_id=event.event_id,
                 detail="generation already voided",
             )
-            return Handled("duplicate")
+            return Handled(
+                "duplicate", (voided_event(record, event.event_id, VOIDED_BEFORE_INVOICE),)
+            )
         provider = ctx.provider(conn, record)
         if record.state not in (SaleState.ISSUED, SaleState.CANCEL_PENDING):
             found_record = await _find_issued(event, conn, provider, record, ctx)
@@ -251,22 +307,15 @@ async def _find_issued(
 async def _void(event: SaleStorno, record: SaleRecord, ctx: Context) -> Handled:
     # No invoice exists and none may appear later: a sale.paid still waiting in a delay queue
     # (or replayed from the dead-letter queue) finds the generation VOIDED and issues nothing.
-    was_new = record.state is SaleState.NEW
-    await ctx.ledger.record_voided(
-        record.key,
-        ctx.owner,
-        event.event_id,
-        "storno before any invoice existed" if was_new else "pending issue abandoned by storno",
-        release=True,
+    # invoice.voided is the outcome, also for a generation never seen (CONTRACTS §5: "a storno
+    # arrived before its invoice existed", so Bookinda can close it); dead-lettering it as
+    # not_invoiced as well would ask a person to act on a storno that did all it had to.
+    reason = VOIDED_BEFORE_INVOICE if record.state is SaleState.NEW else VOIDED_PENDING_ABANDONED
+    voided = await ctx.ledger.record_voided(
+        record.key, ctx.owner, event.event_id, reason, release=True
     )
-    if was_new:
-        raise InvoicingError(
-            ErrorCode.NOT_INVOICED,
-            f"sale {event.sale_id} generation {event.invoice_generation} has no invoice "
-            "(the generation is now voided: a late sale.paid will not issue one)",
-        )
-    log.info("issue.abandoned", reason="storno arrived before the invoice was issued")
-    return Handled("skipped")
+    log.info("generation.voided", reason=reason)
+    return Handled("skipped", (voided_event(voided, event.event_id, reason),))
 
 
 def _cancel_request(event: SaleStorno, record: SaleRecord) -> CancelRequest:

@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    PREVIOUS_INVOICE_VALID = "previous_invoice_valid"
     PROVIDER_REJECTED = "provider_rejected"
 
 
@@ -38,6 +39,8 @@ TRANSIENT: frozenset[ErrorCode] = frozenset(
         ErrorCode.TIMEOUT,
         ErrorCode.RATE_LIMITED,
         ErrorCode.PROVIDER_UNAVAILABLE,
+        # The storno of the generation whose invoice still stands may be on its way.
+        ErrorCode.PREVIOUS_INVOICE_VALID,
     }
 )
 
@@ -117,6 +120,11 @@ FIXES: dict[ErrorCode, str] = {
     ErrorCode.RETRIES_EXHAUSTED: (
         "The provider was unreachable for the whole retry budget: check the provider's status "
         "page and the network, then " + _REPLAY
+    ),
+    ErrorCode.PREVIOUS_INVOICE_VALID: (
+        "Another invoice of this sale is still valid, so a new one is not issued: storno it "
+        "first from Bookinda (a `sale.storno` for that generation; `invoicing-worker history "
+        "SALE_ID` shows which), then " + _REPLAY
     ),
     ErrorCode.PROVIDER_REJECTED: (
         "The provider refused the invoice (see the message; NAV errors are handled in the "

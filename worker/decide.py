@@ -15,8 +15,10 @@ branch has a fast unit test (tests/unit/test_decide.py).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -34,8 +36,26 @@ H_ORIGINAL_RK = "x-original-routing-key"
 H_DEFER_COUNT = "x-defer-count"
 H_NOT_BEFORE = "x-not-before"
 H_LAST_ERROR = "x-last-error-code"
+#: The worker's HMAC over the headers above: only sealed retry state counts (see HeaderSeal).
+H_SEAL = "x-retry-seal"
 #: What a replay resets, so the replayed message gets a fresh retry budget.
-RETRY_STATE_HEADERS = (H_RETRY_COUNT, H_FIRST_FAILED, H_LAST_ERROR, H_DEFER_COUNT, H_NOT_BEFORE)
+RETRY_STATE_HEADERS = (
+    H_RETRY_COUNT,
+    H_FIRST_FAILED,
+    H_LAST_ERROR,
+    H_DEFER_COUNT,
+    H_NOT_BEFORE,
+    H_SEAL,
+)
+#: What the seal covers.
+SEALED_HEADERS = (
+    H_RETRY_COUNT,
+    H_FIRST_FAILED,
+    H_DEFER_COUNT,
+    H_NOT_BEFORE,
+    H_ORIGINAL_RK,
+    H_LAST_ERROR,
+)
 #: CONTRACTS §7: what a dead-lettered message carries besides our retry state.
 H_ERROR_CODE = "x-error-code"
 H_ERROR_MESSAGE = "x-error-message"
@@ -50,10 +70,59 @@ MAX_HEADER_TEXT = 2000
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderSeal:
+    """An HMAC over the worker's own retry headers, bound to one message (its ``message_id``
+    and a digest of its body), so that state copied from another message, typed in by hand or
+    published by anyone but a worker of this deployment counts as absent.
+
+    The key is ``INVOICING_HEADER_KEY``; unset, it is derived from the ledger URL, which every
+    replica of a deployment shares (and which publishers do not know)."""
+
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def derive(cls, header_key: str | None, ledger_url: str) -> HeaderSeal:
+        secret = header_key if header_key else f"derived from the ledger: {ledger_url}"
+        return cls(hashlib.sha256(b"invoicing-header-key\0" + secret.encode()).digest())
+
+    def sign(self, headers: dict[str, Any], identity: str) -> None:
+        headers[H_SEAL] = self._mac(headers, identity)
+
+    def valid(self, headers: Mapping[str, Any], identity: str) -> bool:
+        seal = _text(headers.get(H_SEAL))
+        return seal is not None and hmac.compare_digest(seal, self._mac(headers, identity))
+
+    def _mac(self, headers: Mapping[str, Any], identity: str) -> str:
+        parts = [identity, *(f"{name}={_canonical(headers.get(name))}" for name in SEALED_HEADERS)]
+        return "v1:" + hmac.new(self.key, "\n".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def identity_of(message_id: str | None, body: bytes) -> str:
+    """What a seal is bound to: headers moved onto another message do not verify."""
+    return f"{message_id or ''}:{hashlib.sha256(body).hexdigest()}"
+
+
+def _canonical(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return f"bool:{value}"
+    if isinstance(value, int):
+        return f"int:{value}"
+    text = _text(value)
+    return f"str:{text}" if text is not None else f"other:{value!r}"
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """What a delivery says about its own history, read from the headers the worker wrote.
     A header that does not parse (wrong type, a time without a zone) counts as absent: a
-    malformed header must not crash the decision and loop the message to the delivery limit."""
+    malformed header must not crash the decision and loop the message to the delivery limit.
+
+    Only the worker's own, sealed retry state counts. Unsealed (forged, copied, from a
+    dead-lettered message moved back by hand) it is dropped, so it can shorten no budget; an
+    unsealed ``x-not-before`` delays the message by at most ``longest_wait`` (the longest
+    tier)."""
 
     routing_key: str
     #: 1 for the first delivery, 2 after one failed attempt, ...
@@ -61,21 +130,53 @@ class Attempt:
     first_failed_at: datetime | None
     deferrals: int
     not_before: datetime | None
+    #: The delivery's headers, without retry state that was not sealed.
     headers: Mapping[str, Any]
+    seal: HeaderSeal | None = None
+    identity: str = ""
 
     @classmethod
-    def read(cls, routing_key: str | None, headers: Mapping[str, Any] | None) -> Attempt:
+    def read(
+        cls,
+        routing_key: str | None,
+        headers: Mapping[str, Any] | None,
+        *,
+        seal: HeaderSeal,
+        identity: str,
+        now: datetime,
+        longest_wait: float,
+    ) -> Attempt:
         headers = dict(headers or {})
-        # After a delay queue the routing key is the work queue's; our header keeps the real one.
+        sealed = seal.valid(headers, identity)
+        real = routing_key or ""
         original = _text(headers.get(H_ORIGINAL_RK))
+        # The real routing key decides the event type. Only a message that came back from a
+        # delay queue (routed by the work queue's name) takes it from our header; the body's
+        # event_type must still equal it (handlers.parse), so no message changes its type.
+        if real not in INBOUND_TYPES and original:
+            real = original
+        not_before = _instant(headers.get(H_NOT_BEFORE))
+        if not sealed:
+            for name in RETRY_STATE_HEADERS:
+                headers.pop(name, None)
+            if not_before is not None:
+                not_before = min(not_before, now + timedelta(seconds=longest_wait))
         return cls(
-            routing_key=original or routing_key or "",
+            routing_key=real,
             number=_count(headers.get(H_RETRY_COUNT)) + 1,
             first_failed_at=_instant(headers.get(H_FIRST_FAILED)),
             deferrals=_count(headers.get(H_DEFER_COUNT)),
-            not_before=_instant(headers.get(H_NOT_BEFORE)),
+            not_before=not_before,
             headers=headers,
+            seal=seal,
+            identity=identity,
         )
+
+    def sealed(self, headers: dict[str, Any]) -> dict[str, Any]:
+        """``headers`` with the worker's seal over its retry state, for the next delivery."""
+        if self.seal is not None:
+            self.seal.sign(headers, self.identity)
+        return headers
 
     @property
     def label(self) -> str:
@@ -224,7 +325,9 @@ def _defer(
         headers[H_NOT_BEFORE] = (now + timedelta(seconds=wanted)).isoformat()
     headers[H_DEFER_COUNT] = deferrals
     headers[H_ORIGINAL_RK] = attempt.routing_key
-    return Park("defer", queue, headers, (), delay=delay, reason=str(why), exact=why.exact)
+    return Park(
+        "defer", queue, attempt.sealed(headers), (), delay=delay, reason=str(why), exact=why.exact
+    )
 
 
 def _failed(
@@ -283,7 +386,7 @@ def retry_headers(
     headers[H_FIRST_FAILED] = first.astimezone(UTC).isoformat()
     headers[H_ORIGINAL_RK] = attempt.routing_key
     headers[H_LAST_ERROR] = str(code)
-    return headers
+    return attempt.sealed(headers)
 
 
 def dead_letter_headers(
@@ -293,8 +396,10 @@ def dead_letter_headers(
     first: datetime,
     now: datetime,
 ) -> dict[str, Any]:
-    """CONTRACTS §7."""
+    """CONTRACTS §7. Unsealed: moved back to the work queue by hand (not by ``dlq replay``,
+    which strips the retry state), the message starts a fresh budget instead of dying of it."""
     headers = dict(attempt.headers)
+    headers.pop(H_SEAL, None)
     headers.update(
         {
             H_ERROR_CODE: str(decision.code),

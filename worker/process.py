@@ -37,7 +37,17 @@ from providers.base import Provider
 from providers.errors import ErrorCode, InvoicingError
 from worker import metrics
 from worker.connections import ConnectionRegistry, HealthChange
-from worker.decide import Ack, Attempt, HandBack, Outcome, Park, Subject, decide
+from worker.decide import (
+    Ack,
+    Attempt,
+    HandBack,
+    HeaderSeal,
+    Outcome,
+    Park,
+    Subject,
+    decide,
+    identity_of,
+)
 from worker.liveness import Liveness
 from worker.publisher import Publisher
 from worker.settings import Settings
@@ -66,6 +76,7 @@ class Runtime:
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     policy: RetryPolicy = field(init=False)
     liveness: Liveness = field(init=False)
+    seal: HeaderSeal = field(init=False)
     #: Numbers deliveries: lease owners are unique per process (instance_id) and delivery.
     _deliveries: Iterator[int] = field(init=False, default_factory=itertools.count)
 
@@ -76,6 +87,21 @@ class Runtime:
             budget_seconds=self.settings.retry_budget_seconds,
         )
         self.liveness = Liveness(self.ledger, self.instance_id, self.settings.liveness_seconds)
+        key = self.settings.header_key
+        self.seal = HeaderSeal.derive(
+            key.get_secret_value() if key is not None else None, self.settings.ledger_url
+        )
+
+    def attempt(self, message: AbstractIncomingMessage) -> Attempt:
+        """The delivery's history, as far as the worker's own sealed headers tell it."""
+        return Attempt.read(
+            message.routing_key,
+            message.headers,
+            seal=self.seal,
+            identity=identity_of(message.message_id, message.body),
+            now=datetime.now(UTC),
+            longest_wait=self.policy.ladder[-1],
+        )
 
     def context(self) -> Context:
         return Context(
@@ -116,7 +142,7 @@ AfterSettle = Callable[[Settled, Delivery, Runtime], Awaitable[None]]
 async def process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publisher) -> None:
     """Handle one delivery; never lets an exception escape into aiormq (it would only log a
     line and leave the delivery unacked until the channel dies)."""
-    delivery = Delivery(message, Attempt.read(message.routing_key, message.headers), 0.0)
+    delivery = Delivery(message, rt.attempt(message), 0.0)
     delivery.started = time.monotonic()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     retry_base_seconds: float = 5.0
     #: Transient errors past this budget are dead-lettered as ``retries_exhausted``.
     retry_budget_seconds: float = 24 * 3600.0
+    #: The HMAC key of the worker's own retry headers (x-retry-count, x-not-before, ...): every
+    #: replica of a deployment must use the same one. Unset, it is derived from ledger_url,
+    #: which they share. Retry state without a valid seal counts as absent.
+    header_key: SecretStr | None = None
     #: Never send one create/cancel to a provider more often than this (the Számla Agent's rule).
     max_provider_attempts: int = 5
 

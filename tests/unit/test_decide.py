@@ -9,7 +9,16 @@ from handlers.classify import RetryPolicy
 from handlers.context import Handled, SaleBusy, Throttled
 from handlers.messages import InvoiceFailed, InvoiceIssued
 from providers.errors import ErrorCode, InvoicingError
-from worker.decide import Ack, Attempt, Park, Subject, decide
+from worker.decide import (
+    RETRY_STATE_HEADERS,
+    Ack,
+    Attempt,
+    HeaderSeal,
+    Park,
+    Subject,
+    decide,
+    identity_of,
+)
 from worker.settings import Settings
 from worker.topology import Names
 
@@ -19,13 +28,37 @@ POLICY = RetryPolicy(ladder=(1, 5, 15, 30, 60, 120, 300), base_seconds=5, budget
 SUBJECT = Subject("hotel", "S-1", 1, "billingo", "ev-1")
 
 
+SEAL = HeaderSeal.derive("test key", "sqlite:///unused")
+IDENTITY = identity_of("ev-1", b'{"event_id": "ev-1"}')
+LONGEST = POLICY.ladder[-1]
+
+
+def read(headers: dict[str, object] | None, rk: str | None = "sale.paid") -> Attempt:
+    return Attempt.read(rk, headers, seal=SEAL, identity=IDENTITY, now=NOW, longest_wait=LONGEST)
+
+
+def sealed(headers: dict[str, object], identity: str = IDENTITY) -> dict[str, object]:
+    """Headers as a worker of this deployment wrote them."""
+    headers = dict(headers)
+    SEAL.sign(headers, identity)
+    return headers
+
+
 def attempt(headers: dict[str, object] | None = None, rk: str = "sale.paid") -> Attempt:
-    return Attempt.read(rk, headers)
+    """The worker's own (sealed) headers."""
+    return read(sealed(headers) if headers else None, rk)
 
 
-def run(result: object, headers: dict[str, object] | None = None, **kw: object) -> object:
+def run(
+    result: object,
+    headers: dict[str, object] | None = None,
+    *,
+    forged: bool = False,
+    rk: str = "sale.paid",
+    **kw: object,
+) -> object:
     return decide(
-        attempt(headers),
+        read(headers, rk) if forged else attempt(headers, rk),
         result,  # type: ignore[arg-type]
         subject=SUBJECT,
         names=NAMES,
@@ -153,3 +186,70 @@ def test_a_message_without_a_tenant_is_parked_without_an_event() -> None:
     assert outcome.kind == "dead_letter"
     assert outcome.events == ()
     assert outcome.headers["x-tenant-id"] == ""
+
+
+# --------------------------------------------------------------------------- forged headers
+
+OLD = (NOW - timedelta(days=30)).isoformat()
+
+
+def test_a_forged_not_before_delays_a_sale_by_the_longest_tier_at_most() -> None:
+    forged = read({"x-not-before": "2100-01-01T00:00:00+00:00"})
+    assert forged.not_before == NOW + timedelta(seconds=LONGEST)
+    assert "x-not-before" not in forged.headers
+    # What the worker then writes is its own, sealed, and no later than that.
+    outcome = run(Throttled("not before its reserved time", delay=LONGEST))
+    assert isinstance(outcome, Park)
+    assert outcome.delay == LONGEST
+    assert "x-not-before" not in outcome.headers
+    assert SEAL.valid(outcome.headers, IDENTITY)
+    # The worker's own x-not-before (a long Retry-After) still counts.
+    own = attempt({"x-not-before": "2100-01-01T00:00:00+00:00"})
+    assert own.not_before == datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def test_a_forged_retry_count_and_first_failure_shorten_no_budget() -> None:
+    forged = {"x-retry-count": 999, "x-first-failed-at": OLD, "x-defer-count": 999}
+    read_back = read(forged)
+    assert (read_back.number, read_back.first_failed_at, read_back.deferrals) == (1, None, 0)
+    outcome = run(InvoicingError(ErrorCode.PROVIDER_UNAVAILABLE, "503"), forged, forged=True)
+    assert isinstance(outcome, Park)
+    assert outcome.kind == "retry"
+    assert outcome.headers["x-retry-count"] == 1
+    assert outcome.headers["x-first-failed-at"] == NOW.isoformat()
+    # Nothing forged is carried into the sealed copy (it would be laundered by the seal).
+    assert "x-defer-count" not in outcome.headers
+    assert SEAL.valid(outcome.headers, IDENTITY)
+    # The worker's own state still spends the budget.
+    own = run(InvoicingError(ErrorCode.PROVIDER_UNAVAILABLE, "503"), forged)
+    assert isinstance(own, Park)
+    assert own.code is ErrorCode.RETRIES_EXHAUSTED
+
+
+def test_the_real_routing_key_decides_the_event_type() -> None:
+    header = {"x-original-routing-key": "sale.storno"}
+    assert read(header, "sale.paid").routing_key == "sale.paid"
+    assert attempt(header, "sale.paid").routing_key == "sale.paid"  # even sealed
+    # Back from a delay queue the message is routed by the work queue's name: our header
+    # restores the event type (the body's event_type must still match it when parsed).
+    assert attempt(header, "q").routing_key == "sale.storno"
+
+
+def test_retry_state_sealed_for_another_message_or_edited_counts_as_absent() -> None:
+    state = {"x-retry-count": 7, "x-first-failed-at": OLD}
+    other = sealed(state, identity_of("ev-2", b"another body"))
+    assert read(other).number == 1
+    edited = sealed(state)
+    edited["x-retry-count"] = 999
+    assert (read(edited).number, read(edited).first_failed_at) == (1, None)
+    assert read(sealed(state)).number == 8
+
+
+def test_a_dead_lettered_copy_loses_its_seal_and_a_replay_strips_the_rest() -> None:
+    outcome = run(InvoicingError(ErrorCode.TAX_NUMBER_INVALID, "bad"), {"x-retry-count": 3})
+    assert isinstance(outcome, Park)
+    assert "x-retry-seal" not in outcome.headers
+    # Moved back by hand (routed by the queue's name): a fresh budget, the type restored.
+    moved = read(dict(outcome.headers), "q")
+    assert (moved.number, moved.first_failed_at, moved.routing_key) == (1, None, "sale.paid")
+    assert "x-retry-seal" in RETRY_STATE_HEADERS

@@ -17,7 +17,6 @@ from providers.base import InvoiceDraft, IssuedInvoice, TenantConnection
 from providers.errors import ErrorCode, InvoicingError
 from tests.unit.test_sale_doubt import ScriptedProvider
 from worker.connections import ConnectionRegistry
-from worker.decide import Attempt
 from worker.devtools.samples import paid_event
 from worker.ledger.sqlite import SqliteLedger
 from worker.process import Delivery, Runtime, handle_delivery
@@ -68,7 +67,7 @@ async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
 async def test_an_attempt_ends_by_its_deadline_below_the_lease(runtime: Runtime) -> None:
     body = orjson.dumps(paid_event("hotel", "S-STUCK"))
     message = Message(body)
-    delivery = Delivery(message, Attempt.read("sale.paid", {}), time.monotonic())  # type: ignore[arg-type]
+    delivery = Delivery(message, runtime.attempt(message), time.monotonic())  # type: ignore[arg-type]
     started = time.monotonic()
     result = await handle_delivery(delivery, runtime)
     took = time.monotonic() - started

@@ -368,6 +368,12 @@ class TransitionLedger(Ledger):
         row = await self._fetch_one(schema.GET, schema.key_params(key))
         return schema.sale_from_row(row) if row is not None else None
 
+    async def generations(self, tenant_id: str, sale_id: str) -> list[SaleRecord]:
+        rows = await self._fetch_all(
+            schema.GENERATIONS, {"tenant_id": tenant_id, "sale_id": sale_id}
+        )
+        return [schema.sale_from_row(row) for row in rows]
+
     async def history(self, sale_id: str, tenant_id: str | None = None) -> list[AuditEntry]:
         sql = schema.HISTORY_ALL if tenant_id is None else schema.HISTORY_TENANT
         rows = await self._fetch_all(sql, {"sale_id": sale_id, "tenant_id": tenant_id})

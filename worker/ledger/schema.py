@@ -359,6 +359,10 @@ RETIRE = "DELETE FROM workers WHERE worker_id = :worker"
 #: Rows of workers dead for a day: kept that long only so ``history`` readers can see them.
 FORGET_DEAD_WORKERS = "DELETE FROM workers WHERE alive_until < :before"
 GET = f"SELECT {SALE_SELECT} FROM sales WHERE {KEY_WHERE}"
+GENERATIONS = (
+    f"SELECT {SALE_SELECT} FROM sales WHERE tenant_id = :tenant_id AND sale_id = :sale_id "
+    "ORDER BY invoice_generation"
+)
 HISTORY_ALL = f"SELECT {AUDIT_SELECT} FROM audit WHERE sale_id = :sale_id ORDER BY at, id"
 HISTORY_TENANT = (
     f"SELECT {AUDIT_SELECT} FROM audit WHERE sale_id = :sale_id AND tenant_id = :tenant_id "
