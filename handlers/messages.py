@@ -13,6 +13,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictInt,
+    StringConstraints,
     field_validator,
 )
 
@@ -38,6 +40,25 @@ Money = Annotated[
     PlainSerializer(lambda d: format(d, "f"), return_type=str),
 ]
 
+#: What an incoming amount or quantity can be at all (the plausibility limits are the
+#: settings' job, in validation): beyond it, a provider's JSON integer or a float would
+#: overflow or lose digits, which is the same failure on every attempt.
+_WIRE_LIMIT = Decimal(10**15)
+InMoney = Annotated[Money, Field(gt=-_WIRE_LIMIT, lt=_WIRE_LIMIT)]
+
+#: The ledger stores a generation in a 32-bit INTEGER column (PostgreSQL); strict: a bool, a
+#: float or a string is a publisher's bug, not a generation.
+Generation = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+
+#: Ids are keys (the ledger's, the provider's external key): taken exactly as given, never
+#: trimmed, and without control characters (PostgreSQL text refuses NUL).
+Id = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=False, min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$"
+    ),
+]
+
 
 # Unknown extra fields are ignored (CONTRACTS §4); the models are read-only once parsed.
 _In = Inbound
@@ -45,16 +66,16 @@ _In = Inbound
 
 class Item(_In):
     name: str = Field(min_length=1, max_length=500)
-    quantity: Money
+    quantity: InMoney
     unit: str = Field(min_length=1, max_length=50)
-    unit_price: Money
+    unit_price: InMoney
     price_type: Literal["gross", "net"]
     vat: str = Field(min_length=1, max_length=16)
 
 
 class Sale(_In):
-    id: str = Field(min_length=1, max_length=100)
-    invoice_generation: int = Field(ge=1)
+    id: Id
+    invoice_generation: Generation
     trigger: Literal["auto", "manual"]
     paid_at: datetime
     fulfillment_date: date
@@ -65,9 +86,9 @@ class Sale(_In):
 
 
 class _Event(_In):
-    event_id: str = Field(min_length=1, max_length=100)
+    event_id: Id
     occurred_at: datetime
-    tenant_id: str = Field(min_length=1, max_length=100)
+    tenant_id: Id
 
 
 class SalePaid(_Event):
@@ -85,8 +106,8 @@ class SalePaid(_Event):
 
 class SaleStorno(_Event):
     event_type: Literal["sale.storno"]
-    sale_id: str = Field(min_length=1, max_length=100)
-    invoice_generation: int = Field(ge=1)
+    sale_id: Id
+    invoice_generation: Generation
     reason: str | None = Field(default=None, max_length=1000)
     document_id: str | None = Field(default=None, max_length=100)
 
