@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
+    INTERNAL_ERROR = "internal_error"
     PROVIDER_REJECTED = "provider_rejected"
 
 
@@ -38,6 +40,7 @@ TRANSIENT: frozenset[ErrorCode] = frozenset(
         ErrorCode.TIMEOUT,
         ErrorCode.RATE_LIMITED,
         ErrorCode.PROVIDER_UNAVAILABLE,
+        ErrorCode.LEDGER_UNAVAILABLE,
     }
 )
 
@@ -115,6 +118,16 @@ FIXES: dict[ErrorCode, str] = {
     ErrorCode.RETRIES_EXHAUSTED: (
         "The provider was unreachable for the whole retry budget: check the provider's status "
         "page and the network, then " + _REPLAY
+    ),
+    ErrorCode.LEDGER_UNAVAILABLE: (
+        "Nothing to do while it retries: the worker's own ledger database cannot be reached; "
+        "if it lasts, check the database (PostgreSQL up and reachable, or the SQLite file's "
+        "disk and permissions); nothing is issued until it is back."
+    ),
+    ErrorCode.INTERNAL_ERROR: (
+        "An unexpected error inside the worker failed the same way on every attempt: report it "
+        "to the worker's maintainers with the message's x-error-message and the log lines of "
+        "its event_id; once a fixed worker is running, " + _REPLAY
     ),
     ErrorCode.PROVIDER_REJECTED: (
         "The provider refused the invoice (see the message; NAV errors are handled in the "
