@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -44,19 +46,34 @@ Money = Annotated[
 #: settings' job, in validation): beyond it, a provider's JSON integer or a float would
 #: overflow or lose digits, which is the same failure on every attempt.
 _WIRE_LIMIT = Decimal(10**15)
-InMoney = Annotated[Money, Field(gt=-_WIRE_LIMIT, lt=_WIRE_LIMIT)]
+
+
+def _on_the_wire(value: Decimal) -> Decimal:
+    if not -_WIRE_LIMIT < value < _WIRE_LIMIT:
+        raise ValueError(f"{value} is out of range (amounts and quantities stay below 10^15)")
+    return value
+
+
+InMoney = Annotated[Money, AfterValidator(_on_the_wire)]
 
 #: The ledger stores a generation in a 32-bit INTEGER column (PostgreSQL); strict: a bool, a
 #: float or a string is a publisher's bug, not a generation.
 Generation = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
 
+
 #: Ids are keys (the ledger's, the provider's external key): taken exactly as given, never
 #: trimmed, and without control characters (PostgreSQL text refuses NUL).
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (tabs, line breaks, NUL)")
+    return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Id = Annotated[
     str,
-    StringConstraints(
-        strip_whitespace=False, min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$"
-    ),
+    StringConstraints(strip_whitespace=False, min_length=1, max_length=100),
+    AfterValidator(_no_control_characters),
 ]
 
 
