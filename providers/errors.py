@@ -116,8 +116,9 @@ FIXES: dict[ErrorCode, str] = {
         "Nothing to do: the provider is down or in maintenance; the worker retries automatically."
     ),
     ErrorCode.RETRIES_EXHAUSTED: (
-        "The provider was unreachable for the whole retry budget: check the provider's status "
-        "page and the network, then " + _REPLAY
+        "The provider (or the worker's own ledger) was unreachable for the whole retry budget "
+        "(the message names the last error): check the provider's status page, the network "
+        "and the ledger database, then " + _REPLAY
     ),
     ErrorCode.LEDGER_UNAVAILABLE: (
         "Nothing to do while it retries: the worker's own ledger database cannot be reached; "
