@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 
 from handlers.amounts import (
@@ -497,15 +498,26 @@ def _decimals(currency: str) -> str:
     return "no decimals" if currency_places(currency) == 1 else "2 decimals"
 
 
-def _check_fulfillment_date(sale: Sale, limits: Limits) -> None:
+def _check_dates(sale: Sale, limits: Limits, today: date | None) -> None:
+    """The fulfilment date within the window of ``paid_at``, and ``paid_at`` within the window
+    of the issue date (today): the invoice is dated today, so a sale paid in 9999 with a
+    fulfilment date to match is as implausible as a fulfilment date of 9999 alone."""
+    window = limits.fulfillment_window_days
     paid = sale.paid_at.date()
+    if today is not None and abs((paid - today).days) > window:
+        raise _fail(
+            ErrorCode.INVALID_INVOICE_DATA,
+            f"sale.paid_at {paid.isoformat()} is {abs((paid - today).days)} days from the "
+            f"invoice's date {today.isoformat()} (at most {window} days apart): correct the "
+            "sale's payment date",
+        )
     days = (sale.fulfillment_date - paid).days
-    if abs(days) > limits.fulfillment_window_days:
+    if abs(days) > window:
         raise _fail(
             ErrorCode.INVALID_INVOICE_DATA,
             f"sale.fulfillment_date {sale.fulfillment_date.isoformat()} is {abs(days)} days "
             f"{'after' if days > 0 else 'before'} sale.paid_at {paid.isoformat()} (at most "
-            f"{limits.fulfillment_window_days} days apart): correct the sale's fulfilment date",
+            f"{window} days apart): correct the sale's fulfilment date",
         )
 
 
@@ -629,12 +641,18 @@ def _check_discounts(items: list[Item], lines: list[InvoiceLine], currency: str)
 # ---- entry point ------------------------------------------------------------------------
 
 
-def validate_sale(sale: Sale, conn: TenantConnection, limits: Limits = DEFAULT_LIMITS) -> None:
+def validate_sale(
+    sale: Sale,
+    conn: TenantConnection,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    today: date | None = None,
+) -> None:
     """Raise :class:`InvoicingError` for the first problem that would make the provider refuse
     the invoice (or NAV flag it), or that is beyond the plausibility ``limits``; return None
-    when the sale can be invoiced as it is."""
+    when the sale can be invoiced as it is. ``today``: the invoice's date, when known."""
     _check_currency_and_language(sale, conn)
     _check_customer(sale.customer)
     _check_tax_numbers(sale.customer)
-    _check_fulfillment_date(sale, limits)
+    _check_dates(sale, limits, today)
     _check_items(sale, rules_for(conn.provider), limits)

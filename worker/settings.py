@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     #: The largest gross total of one invoice in HUF, and in every other currency.
     max_gross_huf: int = Field(default=500_000_000, gt=0)
     max_gross_other: int = Field(default=2_000_000, gt=0)
-    #: The fulfilment date may lie at most this many days before or after ``paid_at``.
+    #: The fulfilment date may lie at most this many days before or after ``paid_at``, and
+    #: ``paid_at`` at most this many days from the invoice's date (today).
     fulfillment_window_days: int = Field(default=400, ge=0)
 
     #: Requests a minute per provider key and worker process (Billingo allows 300 per key;

@@ -89,6 +89,11 @@ def _implausible(tenant: str) -> dict[str, tuple[dict[str, Any], str, str]]:
         ),
         "S-9999": (sale("S-9999", fulfillment_date="9999-12-31"), "invalid_invoice_data", "days"),
         "S-1900": (sale("S-1900", fulfillment_date="1900-01-01"), "invalid_invoice_data", "days"),
+        "S-PAID": (
+            sale("S-PAID", paid_at="9999-12-31T12:00:00Z", fulfillment_date="9999-12-31"),
+            "invalid_invoice_data",
+            "sale.paid_at 9999-12-31",
+        ),
         "S-ZERO": (priced("S-ZERO", unit_price="0"), "invalid_invoice_data", "total is 0"),
         "S-MAIL": (
             paid_event(tenant, "S-MAIL", customer={**COMPANY, "email": "billing@aurora"}),

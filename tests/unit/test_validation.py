@@ -748,3 +748,17 @@ def test_malformed_email_addresses_are_refused_before_any_call(email: str) -> No
 )
 def test_well_formed_email_addresses_pass(email: str | None) -> None:
     validate_sale(sale(customer(PERSON, email=email)), conn())
+
+
+@pytest.mark.parametrize(
+    "paid", [datetime(9999, 12, 31, tzinfo=UTC), datetime(1900, 1, 1, tzinfo=UTC)]
+)
+def test_a_payment_date_far_from_the_invoice_date_is_refused(paid: datetime) -> None:
+    # Paid in 9999 with a fulfilment date to match: within each other's window, but the
+    # invoice is dated today.
+    s = with_dates(sale(), paid_at=paid, fulfillment=paid.date())
+    validate_sale(s, conn())  # without the invoice's date there is nothing to compare with
+    with pytest.raises(InvoicingError) as caught:
+        validate_sale(s, conn(), today=date(2026, 11, 21))
+    assert caught.value.code is ErrorCode.INVALID_INVOICE_DATA
+    assert f"sale.paid_at {paid.date().isoformat()}" in caught.value.message
