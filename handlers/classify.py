@@ -2,7 +2,10 @@
 
 Transient errors back off exponentially with jitter, capped at the longest delay tier
 ("wait 5 min, auto-retry"), honouring the provider's Retry-After, until the retry budget is
-spent. Everything else is dead-lettered with its code.
+spent. An ``internal_error`` (a bug in the worker) is retried too, in case it was a passing
+state of the process, but only ``internal_error_retries`` times: the same bug fails the same
+way every time, and a day of retries would only bury it. Everything else is dead-lettered with
+its code.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class RetryPolicy:
     ladder: tuple[float, ...]
     base_seconds: float
     budget_seconds: float
+    #: INVOICING_INTERNAL_ERROR_RETRIES: attempts after the first that an internal error gets.
+    internal_error_retries: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +75,14 @@ def classify(
     policy: RetryPolicy,
     jitter: float,
 ) -> Retry | DeadLetter:
-    if not error.transient:
+    if error.code is ErrorCode.INTERNAL_ERROR:
+        # Counted by the attempt number the headers carry (x-retry-count), so a failure that
+        # follows other transient ones does not get a fresh allowance.
+        if attempt > policy.internal_error_retries:
+            return DeadLetter(
+                error.code, f"failed the same way on {attempt} attempts; last: {error.message}"
+            )
+    elif not error.transient:
         return DeadLetter(error.code, error.message)
     elapsed = (now - first_failed_at).total_seconds()
     wanted = backoff(attempt, policy, jitter)

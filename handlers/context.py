@@ -12,6 +12,7 @@ import structlog
 
 from handlers.ledger import Ledger, SaleKey, SaleRecord
 from handlers.messages import OutEvent
+from handlers.validation import DEFAULT_LIMITS, Limits
 from providers.base import Provider, TenantConnection
 from providers.errors import ErrorCode, InvoicingError
 
@@ -88,6 +89,9 @@ class Context:
     #: its sales over, so it must not send anything more to a provider.
     alive: Callable[[], bool] = lambda: True
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    #: The plausibility limits pre-flight validation holds a sale to (INVOICING_MAX_GROSS_*,
+    #: INVOICING_FULFILLMENT_WINDOW_DAYS).
+    limits: Limits = DEFAULT_LIMITS
 
     def connection(self, tenant_id: str) -> TenantConnection:
         conn = self.connections.get(tenant_id)

@@ -124,6 +124,13 @@ class LeaseLost(Exception):
     """Another worker holds (or took over) the sale; the caller retries later."""
 
 
+class LedgerUnavailable(Exception):
+    """The ledger's store cannot be reached or written (database down, disk full, a command
+    timeout). Raised by the backends, which alone know which of their errors are outages, so
+    the pipeline tells our own outage (``ledger_unavailable``, retried) from a provider's and
+    from a bug. The message names the error's class and a scrubbed text, never a secret."""
+
+
 class Ledger(Protocol):
     async def open(self) -> None:
         """Connect and create / migrate the schema."""

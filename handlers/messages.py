@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictInt,
+    StringConstraints,
     field_validator,
 )
 
@@ -38,6 +42,40 @@ Money = Annotated[
     PlainSerializer(lambda d: format(d, "f"), return_type=str),
 ]
 
+#: What an incoming amount or quantity can be at all (the plausibility limits are the
+#: settings' job, in validation): beyond it, a provider's JSON integer or a float would
+#: overflow or lose digits, which is the same failure on every attempt.
+_WIRE_LIMIT = Decimal(10**15)
+
+
+def _on_the_wire(value: Decimal) -> Decimal:
+    if not -_WIRE_LIMIT < value < _WIRE_LIMIT:
+        raise ValueError(f"{value} is out of range (amounts and quantities stay below 10^15)")
+    return value
+
+
+InMoney = Annotated[Money, AfterValidator(_on_the_wire)]
+
+#: The ledger stores a generation in a 32-bit INTEGER column (PostgreSQL); strict: a bool, a
+#: float or a string is a publisher's bug, not a generation.
+Generation = Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+
+
+#: Ids are keys (the ledger's, the provider's external key): taken exactly as given, never
+#: trimmed, and without control characters (PostgreSQL text refuses NUL).
+def _no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (tabs, line breaks, NUL)")
+    return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+Id = Annotated[
+    str,
+    StringConstraints(strip_whitespace=False, min_length=1, max_length=100),
+    AfterValidator(_no_control_characters),
+]
+
 
 # Unknown extra fields are ignored (CONTRACTS §4); the models are read-only once parsed.
 _In = Inbound
@@ -45,16 +83,16 @@ _In = Inbound
 
 class Item(_In):
     name: str = Field(min_length=1, max_length=500)
-    quantity: Money
+    quantity: InMoney
     unit: str = Field(min_length=1, max_length=50)
-    unit_price: Money
+    unit_price: InMoney
     price_type: Literal["gross", "net"]
     vat: str = Field(min_length=1, max_length=16)
 
 
 class Sale(_In):
-    id: str = Field(min_length=1, max_length=100)
-    invoice_generation: int = Field(ge=1)
+    id: Id
+    invoice_generation: Generation
     trigger: Literal["auto", "manual"]
     paid_at: datetime
     fulfillment_date: date
@@ -65,9 +103,9 @@ class Sale(_In):
 
 
 class _Event(_In):
-    event_id: str = Field(min_length=1, max_length=100)
+    event_id: Id
     occurred_at: datetime
-    tenant_id: str = Field(min_length=1, max_length=100)
+    tenant_id: Id
 
 
 class SalePaid(_Event):
@@ -85,8 +123,8 @@ class SalePaid(_Event):
 
 class SaleStorno(_Event):
     event_type: Literal["sale.storno"]
-    sale_id: str = Field(min_length=1, max_length=100)
-    invoice_generation: int = Field(ge=1)
+    sale_id: Id
+    invoice_generation: Generation
     reason: str | None = Field(default=None, max_length=1000)
     document_id: str | None = Field(default=None, max_length=100)
 

@@ -132,7 +132,7 @@ async def handle_paid(event: SalePaid, ctx: Context) -> Handled:
             log.info("sale.skipped", reason="auto_invoice is off for the tenant")
             return Handled("skipped")
         # Pre-flight: a bad sale costs no API call and never reaches the provider.
-        validate_sale(event.sale, conn)
+        validate_sale(event.sale, conn, ctx.limits, today=ctx.today())
         provider = ctx.provider(conn, record)
         record = await _issue(event, conn, provider, record, ctx)
         return Handled("issued", (issued_event(record, event.event_id),), provider_ok=True)

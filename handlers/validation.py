@@ -1,10 +1,12 @@
 """Pre-flight validation: bad sale data is refused before it costs an API call or a storno.
 
 :func:`validate_sale` raises :class:`InvoicingError` with the first problem it finds, checking
-in this order: currency and language, customer, tax numbers, items. Every message names what is
-wrong and where ("line 2 'Breakfast': ..."), so a person can fix it from the message plus the
-code's generic fix (``providers.errors.FIXES``). Provider differences are the providers' own
-rules (currencies, languages, VAT labels), asked for by name through :mod:`providers.rules`.
+in this order: currency and language, customer (its e-mail address too), tax numbers, the
+fulfilment date, items, the invoice's total (the last two against the plausibility
+:class:`Limits`). Every message names what is wrong and where ("line 2 'Breakfast': ..."),
+so a person can fix it from the message plus the code's generic fix
+(``providers.errors.FIXES``). Provider differences are the providers' own rules (currencies,
+languages, VAT labels), asked for by name through :mod:`providers.rules`.
 
 Decisions (the reference notes: shared/reference/hungarian-invoicing-and-peers.md Part 1):
 
@@ -29,6 +31,8 @@ Decisions (the reference notes: shared/reference/hungarian-invoicing-and-peers.m
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 
 from handlers.amounts import (
@@ -43,6 +47,23 @@ from providers.base import InvoiceLine, ProviderRules, TenantConnection
 from providers.errors import ErrorCode, InvoicingError
 from providers.rules import PROVIDER_RULES as PROVIDER_RULES
 from providers.rules import rules_for
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Plausibility limits (the worker fills them from INVOICING_MAX_GROSS_HUF,
+    INVOICING_MAX_GROSS_OTHER and INVOICING_FULFILLMENT_WINDOW_DAYS): a sale beyond them is
+    almost certainly a typo, and once issued it could only be undone by a storno."""
+
+    max_gross_huf: Decimal = Decimal(500_000_000)
+    max_gross_other: Decimal = Decimal(2_000_000)
+    fulfillment_window_days: int = 400
+
+    def max_gross(self, currency: str) -> Decimal:
+        return self.max_gross_huf if currency == "HUF" else self.max_gross_other
+
+
+DEFAULT_LIMITS = Limits()
 
 
 def _words(text: str) -> frozenset[str]:
@@ -305,10 +326,31 @@ def _check_address(customer: Customer) -> None:
         raise _customer_fail(f"{who}: the address has no street; add it on the customer profile")
 
 
+#: What the providers accept as an address to e-mail an invoice to (an ASCII address with a
+#: dotted domain; an internationalised domain in its xn-- form).
+_EMAIL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z][A-Za-z0-9-]{0,61}[A-Za-z0-9]"
+)
+
+
+def _check_email(customer: Customer) -> None:
+    email = _present(customer.email)
+    if email is None:
+        return
+    local = email.rpartition("@")[0]
+    if len(email) > 254 or len(local) > 64 or not _EMAIL.fullmatch(email):
+        raise _customer_fail(
+            f"customer {customer.name!r}: e-mail address {email!r} is not a valid address "
+            "(name@example.hu); correct it on the customer profile or leave it empty"
+        )
+
+
 def _check_customer(customer: Customer) -> None:
     if not customer.name.strip():
         raise _customer_fail("the customer has no name; add it on the customer profile")
     _check_address(customer)
+    _check_email(customer)
     who = f"customer {customer.name!r}"
     tax_number = _present(customer.tax_number)
     eu_vat_number = _present(customer.eu_vat_number)
@@ -456,7 +498,58 @@ def _decimals(currency: str) -> str:
     return "no decimals" if currency_places(currency) == 1 else "2 decimals"
 
 
-def _check_items(sale: Sale, rules: ProviderRules) -> None:
+def _check_dates(sale: Sale, limits: Limits, today: date | None) -> None:
+    """The fulfilment date within the window of ``paid_at``, and ``paid_at`` within the window
+    of the issue date (today): the invoice is dated today, so a sale paid in 9999 with a
+    fulfilment date to match is as implausible as a fulfilment date of 9999 alone."""
+    window = limits.fulfillment_window_days
+    paid = sale.paid_at.date()
+    if today is not None and abs((paid - today).days) > window:
+        raise _fail(
+            ErrorCode.INVALID_INVOICE_DATA,
+            f"sale.paid_at {paid.isoformat()} is {abs((paid - today).days)} days from the "
+            f"invoice's date {today.isoformat()} (at most {window} days apart): correct the "
+            "sale's payment date",
+        )
+    days = (sale.fulfillment_date - paid).days
+    if abs(days) > window:
+        raise _fail(
+            ErrorCode.INVALID_INVOICE_DATA,
+            f"sale.fulfillment_date {sale.fulfillment_date.isoformat()} is {abs(days)} days "
+            f"{'after' if days > 0 else 'before'} sale.paid_at {paid.isoformat()} (at most "
+            f"{window} days apart): correct the sale's fulfilment date",
+        )
+
+
+def _check_totals(sale: Sale, lines: list[InvoiceLine], limits: Limits) -> None:
+    """The invoice as a whole: not zero, not beyond the plausible maximum. Each line is held
+    to the maximum too, so a huge line cannot hide behind a discount of the same size."""
+    limit = limits.max_gross(sale.currency)
+    for index, (item, line) in enumerate(zip(sale.items, lines, strict=True), start=1):
+        if abs(line.gross_amount) > limit or abs(item.unit_price) > limit:
+            raise _item_fail(
+                index,
+                item,
+                f"gross {line.gross_amount} {sale.currency} (unit price {item.unit_price}) is "
+                f"beyond the plausible maximum of {limit} {sale.currency} per invoice; check "
+                "the price and quantity",
+            )
+    total = sum((line.gross_amount for line in lines), Decimal(0))
+    if total == 0:
+        raise _fail(
+            ErrorCode.INVALID_INVOICE_DATA,
+            f"the invoice's gross total is 0 {sale.currency}: a sale with nothing to pay is not "
+            "invoiced; correct the items' prices",
+        )
+    if total > limit:
+        raise _fail(
+            ErrorCode.INVALID_INVOICE_DATA,
+            f"the invoice's gross total {total} {sale.currency} is beyond the plausible maximum "
+            f"of {limit} {sale.currency} per invoice; check the prices and quantities",
+        )
+
+
+def _check_items(sale: Sale, rules: ProviderRules, limits: Limits) -> None:
     customer = sale.customer
     eu_vat_number = _present(customer.eu_vat_number)
     tax_number = _present(customer.tax_number)
@@ -502,6 +595,7 @@ def _check_items(sale: Sale, rules: ProviderRules) -> None:
         lines.append(line)
     _check_mix(sale.items)
     _check_discounts(sale.items, lines, sale.currency)
+    _check_totals(sale, lines, limits)
 
 
 def _check_mix(items: list[Item]) -> None:
@@ -547,10 +641,18 @@ def _check_discounts(items: list[Item], lines: list[InvoiceLine], currency: str)
 # ---- entry point ------------------------------------------------------------------------
 
 
-def validate_sale(sale: Sale, conn: TenantConnection) -> None:
+def validate_sale(
+    sale: Sale,
+    conn: TenantConnection,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    today: date | None = None,
+) -> None:
     """Raise :class:`InvoicingError` for the first problem that would make the provider refuse
-    the invoice (or NAV flag it); return None when the sale can be invoiced as it is."""
+    the invoice (or NAV flag it), or that is beyond the plausibility ``limits``; return None
+    when the sale can be invoiced as it is. ``today``: the invoice's date, when known."""
     _check_currency_and_language(sale, conn)
     _check_customer(sale.customer)
     _check_tax_numbers(sale.customer)
-    _check_items(sale, rules_for(conn.provider))
+    _check_dates(sale, limits, today)
+    _check_items(sale, rules_for(conn.provider), limits)

@@ -29,6 +29,8 @@ class ErrorCode(StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     RETRIES_EXHAUSTED = "retries_exhausted"
     PREVIOUS_INVOICE_VALID = "previous_invoice_valid"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
+    INTERNAL_ERROR = "internal_error"
     PROVIDER_REJECTED = "provider_rejected"
 
 
@@ -41,6 +43,7 @@ TRANSIENT: frozenset[ErrorCode] = frozenset(
         ErrorCode.PROVIDER_UNAVAILABLE,
         # The storno of the generation whose invoice still stands may be on its way.
         ErrorCode.PREVIOUS_INVOICE_VALID,
+        ErrorCode.LEDGER_UNAVAILABLE,
     }
 )
 
@@ -118,8 +121,19 @@ FIXES: dict[ErrorCode, str] = {
         "Nothing to do: the provider is down or in maintenance; the worker retries automatically."
     ),
     ErrorCode.RETRIES_EXHAUSTED: (
-        "The provider was unreachable for the whole retry budget: check the provider's status "
-        "page and the network, then " + _REPLAY
+        "The provider (or the worker's own ledger) was unreachable for the whole retry budget "
+        "(the message names the last error): check the provider's status page, the network "
+        "and the ledger database, then " + _REPLAY
+    ),
+    ErrorCode.LEDGER_UNAVAILABLE: (
+        "Nothing to do while it retries: the worker's own ledger database cannot be reached; "
+        "if it lasts, check the database (PostgreSQL up and reachable, or the SQLite file's "
+        "disk and permissions); nothing is issued until it is back."
+    ),
+    ErrorCode.INTERNAL_ERROR: (
+        "An unexpected error inside the worker failed the same way on every attempt: report it "
+        "to the worker's maintainers with the message's x-error-message and the log lines of "
+        "its event_id; once a fixed worker is running, " + _REPLAY
     ),
     ErrorCode.PREVIOUS_INVOICE_VALID: (
         "Another invoice of this sale is still valid, so a new one is not issued: storno it "

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -29,10 +30,11 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from handlers.classify import RetryPolicy
 from handlers.context import Context, Deferred, Handled, InDoubtWait, SaleBusy, Throttled
-from handlers.ledger import LeaseLost, Ledger, SaleKey
+from handlers.ledger import LeaseLost, Ledger, LedgerUnavailable, SaleKey
 from handlers.messages import ProviderName, SalePaid, SaleStorno
 from handlers.parse import decode_body, event_from, peek_tenant, tenant_of
 from handlers.sale import handle_paid, handle_storno
+from handlers.validation import Limits
 from providers.base import Provider
 from providers.errors import ErrorCode, InvoicingError
 from worker import metrics
@@ -49,6 +51,7 @@ from worker.decide import (
     identity_of,
 )
 from worker.liveness import Liveness
+from worker.logging import scrub_text
 from worker.publisher import Publisher
 from worker.settings import Settings
 from worker.settle import Settled, settle
@@ -75,6 +78,7 @@ class Runtime:
     connections: ConnectionRegistry
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     policy: RetryPolicy = field(init=False)
+    limits: Limits = field(init=False)
     liveness: Liveness = field(init=False)
     seal: HeaderSeal = field(init=False)
     #: Numbers deliveries: lease owners are unique per process (instance_id) and delivery.
@@ -85,8 +89,14 @@ class Runtime:
             ladder=self.settings.retry_ladder,
             base_seconds=self.settings.retry_base_seconds,
             budget_seconds=self.settings.retry_budget_seconds,
+            internal_error_retries=self.settings.internal_error_retries,
         )
         self.liveness = Liveness(self.ledger, self.instance_id, self.settings.liveness_seconds)
+        self.limits = Limits(
+            max_gross_huf=Decimal(self.settings.max_gross_huf),
+            max_gross_other=Decimal(self.settings.max_gross_other),
+            fulfillment_window_days=self.settings.fulfillment_window_days,
+        )
         key = self.settings.header_key
         self.seal = HeaderSeal.derive(
             key.get_secret_value() if key is not None else None, self.settings.ledger_url
@@ -115,6 +125,7 @@ class Runtime:
             in_doubt_grace_seconds=self.settings.in_doubt_grace_seconds,
             worker=self.instance_id,
             alive=self.liveness.alive,
+            limits=self.limits,
         )
 
 
@@ -201,12 +212,21 @@ async def handle_delivery(d: Delivery, rt: Runtime) -> Handled | Deferred | Invo
             f"the attempt ran past its {rt.settings.attempt_deadline_seconds:g} s deadline "
             "(below the sale's lease); it is tried again",
         )
+    except LedgerUnavailable as exc:
+        # Our own store is down, not the provider: retried (nothing was decided without it),
+        # and told apart so nobody chases the provider's status page.
+        log.warning("ledger.unavailable", error=str(exc))
+        return InvoicingError(ErrorCode.LEDGER_UNAVAILABLE, f"the ledger is unavailable: {exc}")
     except Exception as exc:
-        # A bug or an outage of our own (ledger down): retried like a provider outage, so
-        # nothing is lost; the traceback says which.
+        # A bug: retried a bounded number of times (INVOICING_INTERNAL_ERROR_RETRIES) in case
+        # it was a passing state of the process, then parked as internal_error, not a day of
+        # retries. The message carries the class and a scrubbed, short text; the traceback
+        # is in the log.
         log.exception("message.unexpected_error")
+        detail = scrub_text(str(exc))[:300]
         return InvoicingError(
-            ErrorCode.PROVIDER_UNAVAILABLE, f"internal error: {type(exc).__name__}: {exc}"
+            ErrorCode.INTERNAL_ERROR,
+            f"unexpected {type(exc).__name__} in the worker" + (f": {detail}" if detail else ""),
         )
 
 

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     header_key: SecretStr | None = None
     #: Never send one create/cancel to a provider more often than this (the Számla Agent's rule).
     max_provider_attempts: int = 5
+    #: An unexpected error inside the worker is retried this many times (it may have been a
+    #: passing state of the process), then dead-lettered as ``internal_error``.
+    internal_error_retries: int = Field(default=3, ge=0)
+
+    #: Plausibility limits (issue 13): a sale beyond them is refused before any provider call
+    #: (``invalid_invoice_data``), since a typo of this size costs a storno once it is issued.
+    #: The largest gross total of one invoice in HUF, and in every other currency.
+    max_gross_huf: int = Field(default=500_000_000, gt=0)
+    max_gross_other: int = Field(default=2_000_000, gt=0)
+    #: The fulfilment date may lie at most this many days before or after ``paid_at``, and
+    #: ``paid_at`` at most this many days from the invoice's date (today).
+    fulfillment_window_days: int = Field(default=400, ge=0)
 
     #: Requests a minute per provider key and worker process (Billingo allows 300 per key;
     #: with N replicas give each 300 / N). 0 means no pacing.

@@ -308,7 +308,9 @@ class BillingoProvider:
         secret = conn.secret.get_secret_value()
         await self._limiter.acquire(key_id(secret))
         started = time.perf_counter()
-        status = "network_error"
+        # Transport errors and answers set their own status; anything else that escapes (a
+        # body the JSON encoder refuses, a bug) is ours, not the network's.
+        status = "internal_error"
         try:
             async with self._session_now().request(
                 method,

@@ -238,7 +238,9 @@ class SzamlazzProvider:
         reached the Agent leave a write's outcome unknown."""
         await self._limiter.acquire(key_id(conn.secret.get_secret_value()))
         started = time.perf_counter()
-        status = "network_error"
+        # Every transport error and answer sets its own status; anything else that escapes is
+        # ours, not the network's.
+        status = "internal_error"
         form = aiohttp.FormData()
         form.add_field(action, document, filename="request.xml", content_type="text/xml")
         try:
@@ -262,10 +264,12 @@ class SzamlazzProvider:
                 ) from exc
             except aiohttp.ClientConnectorError as exc:
                 # Not connected, so nothing was sent.
+                status = "network_error"
                 raise InvoicingError(
                     ErrorCode.NETWORK_ERROR, f"cannot reach the Számla Agent: {exc.os_error}"
                 ) from exc
             except aiohttp.ClientError as exc:
+                status = "network_error"
                 raise InvoicingError(
                     ErrorCode.NETWORK_ERROR,
                     f"connection to the Számla Agent failed: {type(exc).__name__}",

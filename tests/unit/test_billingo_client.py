@@ -571,3 +571,14 @@ async def test_close_is_idempotent_and_the_session_comes_back(client: Client) ->
     await provider.close()
     await provider.close()
     await provider.check_connection(conn())
+
+
+async def test_a_body_the_encoder_refuses_is_not_counted_as_a_network_error(
+    client: Client,
+) -> None:
+    # Issue 13: a 1e20 amount made orjson refuse the body before anything was sent; the
+    # request was counted as network_error and the sale retried for a day.
+    provider, _, observed = client
+    with pytest.raises(TypeError):  # orjson.JSONEncodeError: the pipeline's internal_error
+        await provider._send(conn(), "POST", "/documents", "create_document", json={"x": 10**20})
+    assert observed[-1][1:3] == ("create_document", "internal_error")

@@ -31,7 +31,7 @@ def decide(
     )
 
 
-@pytest.mark.parametrize("code", sorted(set(ErrorCode) - TRANSIENT))
+@pytest.mark.parametrize("code", sorted(set(ErrorCode) - TRANSIENT - {ErrorCode.INTERNAL_ERROR}))
 def test_permanent_errors_are_dead_lettered_with_their_own_code(code: ErrorCode) -> None:
     assert decide(code) == DeadLetter(code, "boom")
 
@@ -41,6 +41,39 @@ def test_transient_errors_are_retried(code: ErrorCode) -> None:
     decision = decide(code)
     assert isinstance(decision, Retry)
     assert decision.next_attempt_at == NOW + timedelta(seconds=decision.delay)
+
+
+def test_a_ledger_outage_is_transient_and_not_the_providers() -> None:
+    assert ErrorCode.LEDGER_UNAVAILABLE in TRANSIENT
+    assert isinstance(decide(ErrorCode.LEDGER_UNAVAILABLE), Retry)
+
+
+def test_an_internal_error_is_retried_a_bounded_number_of_times_then_dead_lettered() -> None:
+    # Given the default of 3 retries: attempts 1-3 are retried, the 4th is parked at once,
+    # long before the retry budget (a day) would end it.
+    assert POLICY.internal_error_retries == 3
+    for attempt in (1, 2, 3):
+        assert isinstance(decide(ErrorCode.INTERNAL_ERROR, attempt=attempt), Retry)
+    parked = decide(ErrorCode.INTERNAL_ERROR, attempt=4, since=60)
+    assert isinstance(parked, DeadLetter)
+    assert parked.code is ErrorCode.INTERNAL_ERROR
+    assert "4 attempts" in parked.message
+    assert "boom" in parked.message
+
+
+def test_no_internal_error_retries_parks_the_first_failure() -> None:
+    policy = RetryPolicy(ladder=(5,), base_seconds=5, budget_seconds=3600, internal_error_retries=0)
+    decision = classify(
+        InvoicingError(ErrorCode.INTERNAL_ERROR, "bug"),
+        attempt=1,
+        first_failed_at=NOW,
+        now=NOW,
+        policy=policy,
+        jitter=0.0,
+    )
+    assert decision == DeadLetter(
+        ErrorCode.INTERNAL_ERROR, "failed the same way on 1 attempts; last: bug"
+    )
 
 
 @pytest.mark.parametrize(

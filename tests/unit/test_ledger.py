@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
+from handlers.ledger import LedgerUnavailable
 from providers.base import Cancellation, IssuedInvoice
 from worker.ledger import (
     ConnectionState,
@@ -696,7 +697,8 @@ async def test_sqlite_busy_inside_a_transaction_is_rolled_back(tmp_path: Path) -
             return real_restamp(bound)
 
         ledger._restamp = busy_once  # type: ignore[method-assign]
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        # Reported as an outage of the ledger (ledger_unavailable), the cause kept in the text.
+        with pytest.raises(LedgerUnavailable, match="locked"):
             await ledger.start_issue(key, "w1", "billingo", "ev")
         assert await ledger.history("S-1") == []
         rec = await ledger.get(key)
@@ -926,3 +928,24 @@ async def test_sqlite_memory_ledger_transitions_and_scans() -> None:
         ]
     finally:
         await ledger.close()
+
+
+@pytest.mark.postgres
+async def test_a_lost_postgres_connection_is_ledger_unavailable() -> None:
+    # Issue 13: a ledger outage reached Bookinda as the provider's provider_unavailable.
+    await _pg_or_skip()
+    schema_name = f"ledger_test_{uuid.uuid4().hex}"
+    ledger = PostgresLedger(PG_URL, schema_name=schema_name, min_size=1, max_size=1)
+    await ledger.open()
+    admin = await asyncpg.connect(PG_URL)
+    try:
+        async with ledger.pool.acquire() as conn:
+            pid = conn.get_server_pid()
+        # Only this ledger's own connection: other test runs share the server.
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(LedgerUnavailable):
+            await ledger.get(_key())
+    finally:
+        await ledger.close()
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
+        await admin.close()

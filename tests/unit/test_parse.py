@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -106,3 +107,67 @@ def test_deeply_nested_json_is_invalid_not_a_crash() -> None:
         parse_event(body, "sale.paid", max_bytes=10**6)
     assert "nested too deeply" in info.value.message
     assert peek_tenant(body, 10**6) is None
+
+
+# ---- permanent means permanent (issue 13): refused at parse, before the ledger or a provider
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        # Over the wire limit: a provider's JSON integer would overflow on every attempt.
+        (("sale", "items", 0, "unit_price"), "1e20", "sale.items.0.unit_price"),
+        (("sale", "items", 0, "unit_price"), "-1e20", "sale.items.0.unit_price"),
+        (("sale", "items", 0, "quantity"), "1e20", "sale.items.0.quantity"),
+        (("sale", "items", 0, "unit_price"), "NaN", "sale.items.0.unit_price"),
+        # The ledger's INTEGER column (SQLite 64-bit, PostgreSQL 32-bit).
+        (("sale", "invoice_generation"), 2**63, "sale.invoice_generation"),
+        (("sale", "invoice_generation"), 2**31, "sale.invoice_generation"),
+        # Strict: no coercion from a bool, a float or a string.
+        (("sale", "invoice_generation"), True, "sale.invoice_generation"),
+        (("sale", "invoice_generation"), 1.0, "sale.invoice_generation"),
+        (("sale", "invoice_generation"), "1", "sale.invoice_generation"),
+        # Ids are keys: no control characters (PostgreSQL text refuses NUL).
+        (("tenant_id",), "hotel\u0000aurora", "tenant_id"),
+        (("sale", "id"), "S-1\n", "sale.id"),
+    ],
+)
+def test_out_of_range_and_coerced_values_are_invalid_messages(
+    path: tuple[str | int, ...], value: object, expected: str
+) -> None:
+    raw = paid_event("t", "S-1")
+    target: Any = raw
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    with pytest.raises(InvoicingError) as info:
+        parse_event(body(raw), "sale.paid", max_bytes=10**6)
+    assert info.value.code is ErrorCode.INVALID_MESSAGE
+    assert expected in info.value.message
+
+
+@pytest.mark.parametrize("generation", [True, 1.0, "1", 2**63])
+def test_a_storno_generation_is_strict_and_in_range(generation: object) -> None:
+    raw = storno_event("t", "S-1")
+    raw["invoice_generation"] = generation
+    with pytest.raises(InvoicingError) as info:
+        parse_event(body(raw), "sale.storno", max_bytes=10**6)
+    assert info.value.code is ErrorCode.INVALID_MESSAGE
+    assert "invoice_generation" in info.value.message
+
+
+def test_tenant_and_sale_ids_are_taken_as_given() -> None:
+    # " hotel-aurora " is not hotel-aurora: trimming it would issue in another tenant's name
+    # (or merge two sales) without anyone having said so; as given it is an unknown tenant.
+    raw = paid_event(" t ", " S-1")
+    event = parse_event(body(raw), "sale.paid", max_bytes=10**6)
+    assert isinstance(event, SalePaid)
+    assert event.tenant_id == " t "
+    assert event.sale.id == " S-1"
+
+
+def test_the_largest_generation_the_ledger_stores_parses() -> None:
+    raw = paid_event("t", "S-1", generation=2**31 - 1)
+    event = parse_event(body(raw), "sale.paid", max_bytes=10**6)
+    assert isinstance(event, SalePaid)
+    assert event.sale.invoice_generation == 2**31 - 1

@@ -13,6 +13,7 @@ from handlers.messages import Sale
 from handlers.validation import (
     ISO_COUNTRIES,
     PROVIDER_RULES,
+    Limits,
     eu_vat_number_problem,
     line_arithmetic_problem,
     tax_number_problem,
@@ -222,7 +223,7 @@ def test_invalid_eu_vat_numbers(value: str, expected: str) -> None:
         ),
         (customer(PERSON, address={"country_code": "GB", "post_code": "SW1A 1AA"}), [ROOM], "EUR"),
         (customer(PERSON, address={"country_code": "AE", "post_code": "0000"}), [ROOM], "EUR"),
-        (HU_COMPANY, [item(unit_price="0")], "HUF"),
+        (HU_COMPANY, [ROOM, item(name="Welcome drink", unit_price="0")], "HUF"),
     ],
 )
 def test_valid_sales_pass(
@@ -490,8 +491,9 @@ BREAKFAST = item(name="Breakfast", unit_price="3500", quantity="2")
         (
             "szamlazz",
             HU_COMPANY,
-            [item(quantity="1000", unit_price="1E+25")],
-            "line 1 'Double room': unit price 1E+25 × quantity 1000 is too large to invoice",
+            [item(quantity="1000", unit_price="1E+14")],
+            "line 1 'Double room': gross 100000000000000000 HUF (unit price 1E+14) is beyond "
+            "the plausible maximum of 500000000 HUF per invoice",
         ),
     ],
 )
@@ -563,7 +565,7 @@ def test_vat_labels_are_mapped_per_provider(provider: str, label: str, mapped: s
 
 
 def test_amounts_are_decimal_not_float() -> None:
-    validate_sale(sale(items=[item(unit_price="0.1", quantity="3", price_type="net")]), conn())
+    validate_sale(sale(items=[item(unit_price="100.1", quantity="3", price_type="net")]), conn())
     assert Decimal("0.1") * 3 == Decimal("0.3")
 
 
@@ -626,3 +628,137 @@ def test_line_arithmetic_checks(bad: InvoiceLine, currency: str, expected: str) 
 )
 def test_line_arithmetic_tolerances(good: InvoiceLine, currency: str) -> None:
     assert line_arithmetic_problem(good, currency) is None
+
+
+# ---- plausibility (issue 13): implausible sales are refused before any provider call ------
+
+
+def with_dates(s: Sale, *, paid_at: datetime, fulfillment: date) -> Sale:
+    return s.model_copy(update={"paid_at": paid_at, "fulfillment_date": fulfillment})
+
+
+@pytest.mark.parametrize(
+    ("items", "currency", "expected"),
+    [
+        # 2 × 10^15 HUF arrives as a plausible-looking string on a line of its own.
+        (
+            [item(unit_price="999999999999999", quantity="2")],
+            "HUF",
+            "beyond the plausible maximum of 500000000 HUF",
+        ),
+        (
+            [
+                item(unit_price="250000001", quantity="1"),
+                item(name="Spa", unit_price="250000001", quantity="1"),
+            ],
+            "HUF",
+            "gross total 500000002 HUF",
+        ),
+        ([item(unit_price="2000000.01", quantity="1", vat="KBAET")], "EUR", "2000000 EUR"),
+        # A huge line hidden behind a discount of the same size.
+        (
+            [
+                item(unit_price="900000000"),
+                item(name="Coupon", unit_price="-899999000", quantity="1"),
+            ],
+            "HUF",
+            "line 1 'Double room': gross 1800000000 HUF",
+        ),
+        ([item(unit_price="0")], "HUF", "gross total is 0 HUF"),
+        ([ROOM, item(name="Coupon", unit_price="-49980", quantity="1")], "HUF", "is 0 HUF"),
+        ([item(unit_price="0.001", quantity="1", vat="KBAET")], "EUR", "is 0 EUR"),
+    ],
+)
+def test_implausible_totals_are_invalid_invoice_data(
+    items: list[dict[str, Any]], currency: str, expected: str
+) -> None:
+    buyer = DE_COMPANY if currency == "EUR" else HU_COMPANY
+    error = rejection(sale(buyer, items, currency), conn(currency=currency))
+    assert error.code is ErrorCode.INVALID_INVOICE_DATA
+    assert expected in error.message
+
+
+def test_the_limits_are_settings() -> None:
+    limits = Limits(max_gross_huf=Decimal(100_000), fulfillment_window_days=0)
+    validate_sale(sale(items=[item(unit_price="50000", quantity="2")]), conn(), limits)
+    with pytest.raises(InvoicingError) as caught:
+        validate_sale(sale(items=[item(unit_price="50001", quantity="2")]), conn(), limits)
+    assert "plausible maximum of 100000 HUF" in caught.value.message
+    late = with_dates(
+        sale(), paid_at=datetime(2026, 11, 21, tzinfo=UTC), fulfillment=date(2026, 11, 22)
+    )
+    with pytest.raises(InvoicingError) as caught:
+        validate_sale(late, conn(), limits)
+    assert "at most 0 days apart" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("fulfillment", "expected"),
+    [
+        (date(9999, 12, 31), "sale.fulfillment_date 9999-12-31 is 2912118 days after"),
+        (date(1900, 1, 1), "sale.fulfillment_date 1900-01-01 is 46345 days before"),
+        (date(2027, 12, 27), "401 days after"),
+        (date(2025, 10, 16), "401 days before"),
+    ],
+)
+def test_fulfillment_dates_far_from_payment_are_refused(fulfillment: date, expected: str) -> None:
+    s = with_dates(sale(), paid_at=datetime(2026, 11, 21, 9, tzinfo=UTC), fulfillment=fulfillment)
+    error = rejection(s, conn())
+    assert error.code is ErrorCode.INVALID_INVOICE_DATA
+    assert expected in error.message
+
+
+@pytest.mark.parametrize("fulfillment", [date(2027, 12, 26), date(2025, 10, 17)])
+def test_fulfillment_dates_within_the_window_pass(fulfillment: date) -> None:
+    s = with_dates(sale(), paid_at=datetime(2026, 11, 21, 9, tzinfo=UTC), fulfillment=fulfillment)
+    validate_sale(s, conn())
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "anna",
+        "anna@",
+        "@example.hu",
+        "anna@example",
+        "anna@@example.hu",
+        "anna @example.hu",
+        "anna@exa_mple.hu",
+        "anna..kiss@example.hu",
+        "anna@example.hu.",
+        "árvíztűrő@example.hu",
+        "a" * 65 + "@example.hu",
+    ],
+)
+def test_malformed_email_addresses_are_refused_before_any_call(email: str) -> None:
+    error = rejection(sale(customer(PERSON, email=email)), conn())
+    assert error.code is ErrorCode.INVALID_CUSTOMER_DATA
+    assert "e-mail address" in error.message
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        None,
+        "",
+        "anna@example.hu",
+        "anna.kiss+booking@mail.example.co.uk",
+        "o'brien@xn--bcher-kva.de",
+    ],
+)
+def test_well_formed_email_addresses_pass(email: str | None) -> None:
+    validate_sale(sale(customer(PERSON, email=email)), conn())
+
+
+@pytest.mark.parametrize(
+    "paid", [datetime(9999, 12, 31, tzinfo=UTC), datetime(1900, 1, 1, tzinfo=UTC)]
+)
+def test_a_payment_date_far_from_the_invoice_date_is_refused(paid: datetime) -> None:
+    # Paid in 9999 with a fulfilment date to match: within each other's window, but the
+    # invoice is dated today.
+    s = with_dates(sale(), paid_at=paid, fulfillment=paid.date())
+    validate_sale(s, conn())  # without the invoice's date there is nothing to compare with
+    with pytest.raises(InvoicingError) as caught:
+        validate_sale(s, conn(), today=date(2026, 11, 21))
+    assert caught.value.code is ErrorCode.INVALID_INVOICE_DATA
+    assert f"sale.paid_at {paid.date().isoformat()}" in caught.value.message

@@ -6,13 +6,14 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from handlers.amounts import VAT_PERCENTAGES, compute_line, currency_places
 from handlers.messages import Item, Sale
 from handlers.validation import (
+    DEFAULT_LIMITS,
     PROVIDER_RULES,
     VALID_COUNTY_CODES,
     hu_check_digit,
@@ -84,6 +85,9 @@ def item_sets(draw: st.DrawFn) -> tuple[str, str, list[Item]]:
         )
         for n in range(count)
     ]
+    # An invoice with nothing to pay, or beyond the plausible maximum, is refused (Limits).
+    total = sum(compute_line(item, currency).gross_amount for item in items)
+    assume(0 < total <= DEFAULT_LIMITS.max_gross(currency))
     return provider, currency, items
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,18 +21,34 @@ from handlers.ledger import (
     ConnectionState,
     LeaseLost,
     Ledger,
+    LedgerUnavailable,
     SaleKey,
     SaleRecord,
     SaleState,
 )
 from providers.base import Cancellation, IssuedInvoice
 from worker.ledger import schema
+from worker.logging import scrub_text
 
 #: How many leases ended by a terminal transition (``release=True``) are remembered until their
 #: ``release()``. A handler releases right after, so this holds about one entry per sale in
 #: flight; the bound only protects against callers that never release. Forgetting one is
 #: harmless: that ``release()`` runs its (no-op) UPDATE as before.
 _RELEASED_MAX = 4096
+
+
+@contextmanager
+def outage(kinds: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """A backend's store errors of ``kinds`` (the ones that mean "cannot reach or write the
+    store", each backend names its own) as :class:`LedgerUnavailable`. Anything else (a bug,
+    a value the schema refuses) stays what it is."""
+    try:
+        yield
+    except kinds as exc:
+        detail = scrub_text(str(exc))[:300]
+        raise LedgerUnavailable(
+            f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        ) from exc
 
 
 class TransitionLedger(Ledger):

@@ -17,7 +17,18 @@ import asyncpg  # type: ignore[import-untyped]
 
 from handlers.ledger import SaleKey, SaleRecord
 from worker.ledger import schema
-from worker.ledger.base import TransitionLedger
+from worker.ledger.base import TransitionLedger, outage
+
+#: What an unreachable database looks like (refused or lost connections, an admin shutdown or
+#: recovery, no disk or connection slots left, the command timeout): ledger_unavailable.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    OSError,
+    TimeoutError,
+)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -97,22 +108,26 @@ class PostgresLedger(TransitionLedger):
 
     async def _execute(self, sql: str, params: dict[str, Any]) -> None:
         stmt = _prepared(sql)
-        await self.pool.execute(stmt.sql, *stmt.args(params))
+        with outage(_OUTAGES):
+            await self.pool.execute(stmt.sql, *stmt.args(params))
 
     async def _fetch_one(self, sql: str, params: dict[str, Any]) -> Any:
         stmt = _prepared(sql)
-        return await self.pool.fetchrow(stmt.sql, *stmt.args(params))
+        with outage(_OUTAGES):
+            return await self.pool.fetchrow(stmt.sql, *stmt.args(params))
 
     async def _fetch_all(self, sql: str, params: dict[str, Any]) -> list[Any]:
         stmt = _prepared(sql)
-        rows: list[Any] = await self.pool.fetch(stmt.sql, *stmt.args(params))
+        with outage(_OUTAGES):
+            rows: list[Any] = await self.pool.fetch(stmt.sql, *stmt.args(params))
         return rows
 
     async def _transition_row(self, t: schema.Transition, params: dict[str, Any]) -> Any:
         # One statement: the UPDATE checks the lease and the audit INSERT rides in the same
         # CTE, so both commit together (or neither does); no row means the lease is not held.
         stmt = _prepared_transition(t)
-        return await self.pool.fetchrow(stmt.sql, *stmt.args(params))
+        with outage(_OUTAGES):
+            return await self.pool.fetchrow(stmt.sql, *stmt.args(params))
 
     # ------------------------------------------------------------------ lifecycle
 

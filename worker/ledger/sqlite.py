@@ -56,13 +56,16 @@ import structlog
 
 from handlers.ledger import SaleKey, SaleRecord
 from worker.ledger import schema
-from worker.ledger.base import TransitionLedger
+from worker.ledger.base import TransitionLedger, outage
 
 T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
 _BUSY_TIMEOUT_MS = 30_000
+#: What an unreachable store looks like here (disk I/O error, disk full, a file that cannot be
+#: opened, a lock still held after the busy timeout): reported as ledger_unavailable.
+_OUTAGES: tuple[type[BaseException], ...] = (sqlite3.OperationalError, OSError, TimeoutError)
 #: Writes between two checkpoints on the thread. A write dirties ~4 pages (row, audit
 #: row, audit index, sqlite_sequence), fewer when a group commit shares them, so the WAL stays
 #: within ~1,000 pages. Small on purpose: a checkpoint's copy is a burst of CPU and I/O on the
@@ -185,7 +188,8 @@ class SqliteLedger(TransitionLedger):
 
     async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         executor, _, thread_conn = self._open_conns()
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, thread_conn)
+        with outage(_OUTAGES):
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, thread_conn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn`` in a write transaction, committed together with the other writes of this
@@ -194,7 +198,8 @@ class SqliteLedger(TransitionLedger):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
         self._schedule_flush()
-        result: T = await future
+        with outage(_OUTAGES):
+            result: T = await future
         return result
 
     def _schedule_flush(self) -> None:
@@ -271,11 +276,12 @@ class SqliteLedger(TransitionLedger):
         """A point read: inline, or on the thread in the rare case a WAL reader gets BUSY
         (another connection recovering the WAL index)."""
         _, conn, _ = self._open_conns()
-        try:
-            return fn(conn)
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
-                raise
+        with outage(_OUTAGES):
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
         return await self._on_thread(fn)
 
     def _wake_idle_waiters(self) -> None:
