@@ -125,7 +125,9 @@ class Context:
         return self.providers[conn.provider]
 
     def wait_out_grace(self, sent_at: datetime | None, what: str) -> None:
-        """Raise :class:`InDoubtWait` while a request sent at ``sent_at`` may still commit."""
+        """Raise :class:`InDoubtWait` while a request sent at ``sent_at`` may still commit.
+        (Callers pass the record's ``updated_at`` for a request recorded before the ledger
+        kept send times: no later than the send, so the wait is only longer.)"""
         if sent_at is None:
             return
         left = (sent_at - self.now()).total_seconds() + self.in_doubt_grace_seconds

@@ -157,7 +157,7 @@ async def _issue(
     if record.issue_in_doubt:
         # An earlier create may have succeeded without us hearing the answer: look first, and
         # only once the provider can no longer be committing it (whoever sent it).
-        ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
+        ctx.wait_out_grace(record.issue_sent_at or record.updated_at, "an earlier create")
         found = await _find_invoice(provider, conn, key)
         if found is not None:
             log.info("invoice.found", document_id=found.document_id)
@@ -167,21 +167,30 @@ async def _issue(
     await _no_other_valid_invoice(key, ctx)
     _attempts_left(record.issue_attempts, provider, ctx, "the invoice")
     draft = build_draft(event, conn, ctx.today())
-    ctx.may_send()
-    await ctx.ledger.start_issue(key, ctx.owner, provider.name, event.event_id)
+    sends = 0
+
+    async def record_send() -> None:
+        # Right before the create request itself (after the provider's lookups, partner and
+        # rate calls): the send time the next attempt's grace counts from, written first.
+        nonlocal sends
+        ctx.may_send()
+        await ctx.ledger.start_issue(key, ctx.owner, provider.name, event.event_id)
+        sends += 1
+
     try:
-        invoice = await provider.issue(conn, draft)
+        invoice = await provider.issue(conn, draft, before_send=record_send)
     except InvoicingError as exc:
-        await ctx.ledger.issue_failed(
-            key,
-            ctx.owner,
-            event.event_id,
-            exc.code,
-            exc.message,
-            in_doubt=exc.outcome_unknown,
-            # A lookup that missed does not end an earlier send's doubt: it may still land.
-            was_in_doubt=record.issue_in_doubt,
-        )
+        if sends:  # otherwise no create went out: nothing about the invoice changed
+            await ctx.ledger.issue_failed(
+                key,
+                ctx.owner,
+                event.event_id,
+                exc.code,
+                exc.message,
+                in_doubt=exc.outcome_unknown,
+                # A lookup that missed does not end an earlier send's doubt: it may still land.
+                was_in_doubt=record.issue_in_doubt,
+            )
         raise
     # Recorded before invoice.issued is published: a crash now re-announces, never re-creates.
     record = await ctx.ledger.record_issued(
@@ -282,7 +291,7 @@ async def _find_issued(
         # grace) while the storno waits.
         if record.state is not SaleState.VOIDING:
             await ctx.ledger.record_voiding(record.key, ctx.owner, event.event_id)
-        ctx.wait_out_grace(record.issue_sent_at, "an earlier create")
+        ctx.wait_out_grace(record.issue_sent_at or record.updated_at, "an earlier create")
     found = await _find_invoice(provider, conn, record.key)
     if found is None:
         return None
@@ -378,7 +387,7 @@ async def _cancel(
     if record.cancel_in_doubt:
         # A cancel is never idempotent at Billingo: look for the storno before asking again,
         # once the earlier cancel can no longer be committing.
-        ctx.wait_out_grace(record.cancel_sent_at, "an earlier cancel")
+        ctx.wait_out_grace(record.cancel_sent_at or record.updated_at, "an earlier cancel")
         found = await _find_cancellation(provider, conn, invoice, request)
         if found is not None:
             return await ctx.ledger.record_cancelled(

@@ -9,7 +9,7 @@ retries, never touch the broker and never log secrets.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -124,6 +124,16 @@ class CancelRequest:
     fulfillment_date: date | None = None
 
 
+#: Awaited by ``Provider.issue`` right before each request that may create the invoice: the
+#: caller records the send there (and may refuse it), so the in-doubt grace is counted from
+#: the send itself, not from before the lookups and partner calls that precede it.
+BeforeSend = Callable[[], Awaitable[None]]
+
+
+async def no_hook() -> None:
+    """The default BeforeSend: nothing to record."""
+
+
 #: Called once per HTTP request: (provider, operation, status, seconds). ``status`` is the
 #: HTTP status as a string, or an error class ("timeout", "network_error").
 RequestObserver = Callable[[str, str, str, float], None]
@@ -152,9 +162,13 @@ class Provider(Protocol):
     #: Agent's rule); otherwise only the retry budget bounds resends (each after a lookup).
     caps_resends: bool
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
         """Create the invoice. Not idempotent at the provider: callers look up first
-        whenever an earlier attempt's outcome is unknown."""
+        whenever an earlier attempt's outcome is unknown. ``before_send`` is awaited right
+        before every create request (a provider may send one twice, e.g. Billingo after a
+        stale partner id's 403); an exception from it sends nothing."""
         ...
 
     async def find_invoice(self, conn: TenantConnection, external_key: str) -> IssuedInvoice | None:

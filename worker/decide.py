@@ -90,7 +90,9 @@ class HeaderSeal:
 
     def valid(self, headers: Mapping[str, Any], identity: str) -> bool:
         seal = _text(headers.get(H_SEAL))
-        return seal is not None and hmac.compare_digest(seal, self._mac(headers, identity))
+        if seal is None or not seal.isascii():
+            return False  # compare_digest refuses non-ASCII text: such a seal is simply wrong
+        return hmac.compare_digest(seal.encode(), self._mac(headers, identity).encode())
 
     def _mac(self, headers: Mapping[str, Any], identity: str) -> str:
         parts = [identity, *(f"{name}={_canonical(headers.get(name))}" for name in SEALED_HEADERS)]

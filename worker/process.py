@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -102,11 +103,13 @@ class Runtime:
             key.get_secret_value() if key is not None else None, self.settings.ledger_url
         )
 
-    def attempt(self, message: AbstractIncomingMessage) -> Attempt:
+    def attempt(
+        self, message: AbstractIncomingMessage, headers: Mapping[str, Any] | None = None
+    ) -> Attempt:
         """The delivery's history, as far as the worker's own sealed headers tell it."""
         return Attempt.read(
             message.routing_key,
-            message.headers,
+            message.headers if headers is None else headers,
             seal=self.seal,
             identity=identity_of(message.message_id, message.body),
             now=datetime.now(UTC),
@@ -153,7 +156,13 @@ AfterSettle = Callable[[Settled, Delivery, Runtime], Awaitable[None]]
 async def process(message: AbstractIncomingMessage, rt: Runtime, publisher: Publisher) -> None:
     """Handle one delivery; never lets an exception escape into aiormq (it would only log a
     line and leave the delivery unacked until the channel dies)."""
-    delivery = Delivery(message, rt.attempt(message), 0.0)
+    try:
+        attempt = rt.attempt(message)
+    except Exception:
+        # Headers nobody can read (a publisher's, not ours): handled as a first delivery.
+        log.exception("message.headers_unreadable")
+        attempt = rt.attempt(message, headers={})
+    delivery = Delivery(message, attempt, 0.0)
     delivery.started = time.monotonic()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(

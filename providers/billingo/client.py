@@ -22,12 +22,14 @@ import aiohttp
 import orjson
 
 from providers.base import (
+    BeforeSend,
     Cancellation,
     CancelRequest,
     InvoiceDraft,
     IssuedInvoice,
     RequestObserver,
     TenantConnection,
+    no_hook,
     no_observer,
 )
 from providers.billingo import mapping
@@ -128,7 +130,9 @@ class BillingoProvider:
 
     # ---- Provider -----------------------------------------------------------------------
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
         block_id = _block_id(conn)
         # Data errors are found here, so a bad sale costs no API call.
         mapping.validate_draft(draft)
@@ -144,12 +148,14 @@ class BillingoProvider:
             conversion_rate=rate,
             electronic=conn.e_invoice,
         )
+        await before_send()
         reply = await self._send(conn, "POST", "/documents", "create_document", json=body)
         if reply.status == 403 and cached:
             # A partner id cached under another key or account is refused with 403
             # (billingo-api.md §2.1): make the partner afresh once and retry the document.
             self._partners.drop(key)
             body["partner_id"] = await self._partner_id(conn, key, partner)
+            await before_send()
             reply = await self._send(conn, "POST", "/documents", "create_document", json=body)
         return self._result(reply, "create_document", mapping.issued_invoice)
 

@@ -17,12 +17,14 @@ from typing import TypeVar
 import aiohttp
 
 from providers.base import (
+    BeforeSend,
     Cancellation,
     CancelRequest,
     InvoiceDraft,
     IssuedInvoice,
     RequestObserver,
     TenantConnection,
+    no_hook,
     no_observer,
 )
 from providers.errors import ErrorCode, InvoicingError
@@ -136,8 +138,11 @@ class SzamlazzProvider:
     def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
         return self._limiter.defer(key_id(conn.secret.get_secret_value()), max_wait, due=due)
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
         document = build_invoice(conn, draft)
+        await before_send()
         answer = await self._call(conn, "issue", ACTION_INVOICE, document, read_answer, writes=True)
         if not answer.ok:
             raise self._error(conn, agent_error(answer, writes=True))

@@ -253,3 +253,11 @@ def test_a_dead_lettered_copy_loses_its_seal_and_a_replay_strips_the_rest() -> N
     moved = read(dict(outcome.headers), "q")
     assert (moved.number, moved.first_failed_at, moved.routing_key) == (1, None, "sale.paid")
     assert "x-retry-seal" in RETRY_STATE_HEADERS
+
+
+def test_a_seal_that_is_not_even_ascii_counts_as_absent_instead_of_raising() -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII text: that escaped process() and left
+    # the delivery neither acked nor nacked (review finding).
+    state = {"x-retry-count": 7, "x-first-failed-at": OLD}
+    for seal in ("é", b"\xff", "x" * 64 + "é"):
+        assert read({**state, "x-retry-seal": seal}).number == 1

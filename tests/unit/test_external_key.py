@@ -28,11 +28,13 @@ from handlers.messages import SaleStorno
 from handlers.parse import event_from
 from handlers.sale import handle_storno
 from providers.base import (
+    BeforeSend,
     Cancellation,
     CancelRequest,
     InvoiceDraft,
     IssuedInvoice,
     TenantConnection,
+    no_hook,
 )
 from providers.errors import InvoicingError
 from worker.devtools.samples import storno_event
@@ -164,7 +166,10 @@ class KeyedProvider:
     name: Any = "billingo"
     caps_resends: bool = False
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
+        await before_send()
         raise AssertionError("a storno never issues")
 
     async def find_invoice(self, conn: TenantConnection, external_key: str) -> IssuedInvoice | None:

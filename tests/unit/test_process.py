@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from handlers.ledger import LedgerUnavailable, SaleKey
-from providers.base import InvoiceDraft, IssuedInvoice, TenantConnection
+from providers.base import BeforeSend, InvoiceDraft, IssuedInvoice, TenantConnection, no_hook
 from providers.errors import ErrorCode, InvoicingError
 from tests.unit.test_sale_doubt import ScriptedProvider
 from worker.connections import ConnectionRegistry
@@ -29,7 +29,10 @@ from worker.topology import Names
 class NeverAnswers(ScriptedProvider):
     """A create that the provider never answers (and the client never times out on)."""
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
+        await before_send()
         self.calls.append("issue")
         await asyncio.Event().wait()
         raise AssertionError("unreachable")

@@ -19,11 +19,13 @@ from handlers.messages import SalePaid, SaleStorno
 from handlers.parse import event_from
 from handlers.sale import handle_paid, handle_storno
 from providers.base import (
+    BeforeSend,
     Cancellation,
     CancelRequest,
     InvoiceDraft,
     IssuedInvoice,
     TenantConnection,
+    no_hook,
 )
 from providers.errors import ErrorCode, InvoicingError
 from worker.devtools.samples import paid_event, storno_event
@@ -44,7 +46,10 @@ class ScriptedProvider:
     found_cancellation: Cancellation | None = None
     calls: list[str] = field(default_factory=list)
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
+        await before_send()
         self.calls.append("issue")
         answer = self.issue_script.pop(0)
         if isinstance(answer, Exception):
@@ -273,3 +278,27 @@ async def test_a_worker_that_lost_its_liveness_sends_nothing(world: World) -> No
     with pytest.raises(Deferred):  # handed on to another worker, not failed
         await handle_paid(paid(), dead)
     assert world.providers["billingo"].calls == []
+
+
+async def test_the_grace_counts_from_the_create_request_not_from_before_the_provider_calls(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Billingo's issue() makes rate and partner calls before the create: up to a minute on a
+    # slow day. The grace must count from the create itself (review finding).
+    monkeypatch.setattr(world.ledger, "_now", lambda: world.clock[0])
+
+    class SlowBeforeTheCreate(ScriptedProvider):
+        async def issue(
+            self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+        ) -> IssuedInvoice:
+            world.later(25)  # the partner and rate calls (inside the 30 s lease)
+            return await super().issue(conn, draft, before_send)
+
+    slow = SlowBeforeTheCreate(issue_script=[lost_answer()])
+    world.providers["billingo"] = slow
+    with pytest.raises(InvoicingError):
+        await handle_paid(paid(), world.ctx())
+    world.later(40)  # 65 s after the attempt began, only 40 s after the create went out
+    with pytest.raises(InDoubtWait):
+        await handle_paid(paid(), world.ctx(owner="w2:1"))
+    assert slow.calls == ["issue"]

@@ -29,11 +29,13 @@ from handlers.messages import (
 from handlers.parse import event_from
 from handlers.sale import handle_paid, handle_storno
 from providers.base import (
+    BeforeSend,
     Cancellation,
     CancelRequest,
     InvoiceDraft,
     IssuedInvoice,
     TenantConnection,
+    no_hook,
 )
 from providers.errors import ErrorCode, InvoicingError
 from worker.devtools.samples import paid_event, storno_event
@@ -68,7 +70,10 @@ class DocumentProvider:
     def valid(self) -> list[Doc]:
         return [d for d in self.docs.values() if d.cancellation is None]
 
-    async def issue(self, conn: TenantConnection, draft: InvoiceDraft) -> IssuedInvoice:
+    async def issue(
+        self, conn: TenantConnection, draft: InvoiceDraft, before_send: BeforeSend = no_hook
+    ) -> IssuedInvoice:
+        await before_send()
         fault = self._fault()
         if fault == "refused":
             raise InvoicingError(ErrorCode.PROVIDER_UNAVAILABLE, "503, nothing done")

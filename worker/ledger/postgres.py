@@ -26,6 +26,10 @@ _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # A connection terminated while a query was on it can leave asyncpg's protocol state
+    # confused ("cannot switch to state 11; another operation is in progress"): the same
+    # outage, seen from the client (the pool replaces the connection).
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
