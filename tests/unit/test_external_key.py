@@ -37,6 +37,7 @@ from providers.base import (
     no_hook,
 )
 from providers.errors import InvoicingError
+from tests.unit.fakes import QuietProvider
 from worker.devtools.samples import storno_event
 from worker.ledger.sqlite import SqliteLedger
 
@@ -157,7 +158,7 @@ def test_legacy_key_only_where_the_old_format_named_this_sale_alone() -> None:
 
 
 @dataclass
-class KeyedProvider:
+class KeyedProvider(QuietProvider):
     """Finds documents by exact external key, as Billingo and the Agent do."""
 
     by_key: dict[str, IssuedInvoice] = field(default_factory=dict)
@@ -185,15 +186,6 @@ class KeyedProvider:
     async def find_cancellation(
         self, conn: TenantConnection, invoice: IssuedInvoice, request: CancelRequest
     ) -> Cancellation | None:
-        return None
-
-    async def check_connection(self, conn: TenantConnection) -> None:
-        return None
-
-    def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
-        return 0.0
-
-    async def close(self) -> None:
         return None
 
 

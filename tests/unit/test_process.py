@@ -48,25 +48,18 @@ class Message:
 
 @pytest.fixture
 async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
-    connections = tmp_path / "connections.toml"
-    connections.write_text(
-        '[tenants."hotel"]\nprovider = "billingo"\napi_key = "k-1"\nblock_id = 1\n',
-        encoding="utf-8",
-    )
-    registry = ConnectionRegistry(connections)
-    registry.load()
-    ledger = SqliteLedger(str(tmp_path / "ledger.db"))
-    await ledger.open()
     # lease 1.5 s → the attempt's deadline is 1.2 s; the provider timeout would be 0.3 s but
     # this provider ignores it (as a stuck rate-limit wait or database call would).
-    settings = Settings(
-        lease_seconds=1.5, provider_timeout_seconds=0.3, connections_file=str(connections)
+    rt = await _runtime_with(
+        tmp_path,
+        SqliteLedger(str(tmp_path / "ledger.db")),
+        NeverAnswers(),
+        lease_seconds=1.5,
+        provider_timeout_seconds=0.3,
     )
-    providers = {"billingo": NeverAnswers(), "szamlazz": ScriptedProvider(name="szamlazz")}
-    rt = Runtime(settings, Names.from_settings(settings), ledger, providers, registry)  # type: ignore[arg-type]
     await rt.liveness.renew()
     yield rt
-    await ledger.close()
+    await rt.ledger.close()
 
 
 async def test_an_attempt_ends_by_its_deadline_below_the_lease(runtime: Runtime) -> None:
@@ -111,7 +104,12 @@ class BrokenDiskLedger(SqliteLedger):
         return await self._write(run)
 
 
-async def _runtime_with(tmp_path: Path, ledger: SqliteLedger) -> Runtime:
+async def _runtime_with(
+    tmp_path: Path,
+    ledger: SqliteLedger,
+    billingo: ScriptedProvider | None = None,
+    **settings: Any,
+) -> Runtime:
     connections = tmp_path / "connections.toml"
     connections.write_text(
         '[tenants."hotel"]\nprovider = "billingo"\napi_key = "sekrit-key-1"\nblock_id = 1\n',
@@ -120,9 +118,12 @@ async def _runtime_with(tmp_path: Path, ledger: SqliteLedger) -> Runtime:
     registry = ConnectionRegistry(connections)
     registry.load()
     await ledger.open()
-    settings = Settings(connections_file=str(connections), internal_error_retries=3)
-    providers = {"billingo": ScriptedProvider(), "szamlazz": ScriptedProvider(name="szamlazz")}
-    return Runtime(settings, Names.from_settings(settings), ledger, providers, registry)  # type: ignore[arg-type]
+    config = Settings(connections_file=str(connections), **settings)
+    providers = {
+        "billingo": billingo or ScriptedProvider(),
+        "szamlazz": ScriptedProvider(name="szamlazz"),
+    }
+    return Runtime(config, Names.from_settings(config), ledger, providers, registry)  # type: ignore[arg-type]
 
 
 async def _attempt(rt: Runtime, body: bytes, headers: dict[str, Any]) -> Any:
@@ -137,7 +138,9 @@ async def test_an_internal_error_is_dead_lettered_after_its_bounded_retries(
     tmp_path: Path,
 ) -> None:
     register_secrets(["sekrit-key-1"])
-    rt = await _runtime_with(tmp_path, OverflowingLedger(str(tmp_path / "ledger.db")))
+    rt = await _runtime_with(
+        tmp_path, OverflowingLedger(str(tmp_path / "ledger.db")), internal_error_retries=3
+    )
     body = orjson.dumps(paid_event("hotel", "S-BUG"))
     headers: dict[str, Any] = {}
     outcomes = []
@@ -165,7 +168,9 @@ async def test_an_internal_error_is_dead_lettered_after_its_bounded_retries(
 
 
 async def test_a_ledger_outage_is_ledger_unavailable_and_retried(tmp_path: Path) -> None:
-    rt = await _runtime_with(tmp_path, BrokenDiskLedger(str(tmp_path / "ledger.db")))
+    rt = await _runtime_with(
+        tmp_path, BrokenDiskLedger(str(tmp_path / "ledger.db")), internal_error_retries=3
+    )
     try:
         result, outcome = await _attempt(rt, orjson.dumps(paid_event("hotel", "S-DISK")), {})
     finally:

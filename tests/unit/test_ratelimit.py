@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -13,29 +14,32 @@ from providers import ratelimit
 from providers.ratelimit import KeyRateLimiter, key_id
 
 
-@pytest.fixture
-def frozen() -> Iterator[None]:
+@contextlib.contextmanager
+def frozen_clock() -> Iterator[None]:
     """The limiter's clock stands still while a test books slots and reads the schedule, so
     the figures are exact however busy the machine is (the waits still run on the loop)."""
     now = time.monotonic()
     real = ratelimit.time
     ratelimit.time = SimpleNamespace(monotonic=lambda: now)  # type: ignore[assignment]
-    yield
-    ratelimit.time = real
+    try:
+        yield
+    finally:
+        ratelimit.time = real
+
+
+@pytest.fixture
+def frozen() -> Iterator[None]:
+    with frozen_clock():
+        yield
 
 
 async def test_requests_beyond_the_burst_queue_for_their_slots() -> None:
     limiter = KeyRateLimiter(per_minute=6000, burst=2)  # a slot every 10 ms
-    now = time.monotonic()
-    real = ratelimit.time
-    ratelimit.time = SimpleNamespace(monotonic=lambda: now)  # type: ignore[assignment]
-    try:
+    with frozen_clock():
         tasks = [asyncio.create_task(limiter.acquire("k")) for _ in range(12)]
         await asyncio.sleep(0)  # every task has taken its slot, none has finished waiting
         assert limiter.backlog_seconds("k") == pytest.approx(0.11, abs=0.001)
         assert limiter.backlog_seconds("other") == 0  # keys do not share a schedule
-    finally:
-        ratelimit.time = real
     await asyncio.gather(*tasks)
     assert limiter.backlog_seconds("k") <= 0.02
 

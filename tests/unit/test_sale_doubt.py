@@ -28,6 +28,7 @@ from providers.base import (
     no_hook,
 )
 from providers.errors import ErrorCode, InvoicingError
+from tests.unit.fakes import QuietProvider
 from worker.devtools.samples import paid_event, storno_event
 from worker.ledger.sqlite import SqliteLedger
 
@@ -36,7 +37,7 @@ GRACE = 60.0
 
 
 @dataclass
-class ScriptedProvider:
+class ScriptedProvider(QuietProvider):
     """Answers from scripts; records every call."""
 
     name: Any = "billingo"
@@ -71,15 +72,6 @@ class ScriptedProvider:
     ) -> Cancellation | None:
         self.calls.append("find_cancellation")
         return self.found_cancellation
-
-    async def check_connection(self, conn: TenantConnection) -> None:
-        return None
-
-    def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
-        return 0.0
-
-    async def close(self) -> None:
-        return None
 
 
 class Registry:

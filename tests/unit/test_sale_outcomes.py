@@ -38,6 +38,7 @@ from providers.base import (
     no_hook,
 )
 from providers.errors import ErrorCode, InvoicingError
+from tests.unit.fakes import QuietProvider
 from worker.devtools.samples import paid_event, storno_event
 from worker.ledger.sqlite import SqliteLedger
 
@@ -54,7 +55,7 @@ class Doc:
 
 
 @dataclass
-class DocumentProvider:
+class DocumentProvider(QuietProvider):
     """A provider that keeps its documents, so the test can compare what Bookinda was told with
     what exists. ``faults`` script the creates and cancels, in order; then all succeed."""
 
@@ -110,15 +111,6 @@ class DocumentProvider:
         self, conn: TenantConnection, invoice: IssuedInvoice, request: CancelRequest
     ) -> Cancellation | None:
         return self.docs[invoice.document_id].cancellation
-
-    async def check_connection(self, conn: TenantConnection) -> None:
-        return None
-
-    def defer_seconds(self, conn: TenantConnection, max_wait: float, *, due: bool = False) -> float:
-        return 0.0
-
-    async def close(self) -> None:
-        return None
 
 
 class Registry:
